@@ -17,7 +17,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILTIN_DIR = os.path.join(ROOT, "data", "minichat")  # where the built-in task's files are generated
-BUILTIN_VOCAB = 512                                   # its trained BPE: 510 byte-level tokens + EOS + PAD
+BUILTIN_VOCAB = 1024                                  # its trained BPE: 1022 byte-level tokens + EOS + PAD
 
 
 def fail(msg):

@@ -160,10 +160,10 @@ GENERIC_FACTS = ["Many people love {o}.", "Kids like to learn about {o}.", "Ther
 
 
 def _topic_facts(key, plural, adjs, cans, free):
-    # 4 "X are a." + 6 "X are a and b." + 4 "X can v." + 3 generic + 3 free = 20 facts per topic.
+    # 4 "X are a." + 4 "X can v." + 3 generic + 3 free = 14 facts per topic: few enough for a tiny model to learn
+    # every one of them by heart in a couple of CPU minutes (so that its samples are almost always well formed).
     S, be = key[0].upper() + key[1:], ("are" if plural else "is")
     facts = [f"{S} {be} {a}." for a in adjs]
-    facts += [f"{S} {be} {a} and {b}." for i, a in enumerate(adjs) for b in adjs[i + 1:]]
     facts += [f"{S} can {v}." for v in cans]
     facts += [g.format(o=key) for g in GENERIC_FACTS]
     facts += free

@@ -42,7 +42,7 @@ def test_sentences_are_ascii_unambiguous_and_topical():
         assert s.isascii() and s == s.strip() and "  " not in s, f"bad sentence {s!r}"
         assert s[-1] in ".!?" and mc.split_sentences(s) == [s], f"{s!r} must be exactly one sentence"
     for topic, facts in mc.FACTS.items():
-        assert 15 <= len(set(facts)) <= 30, f"{topic}: {len(set(facts))} facts"
+        assert 12 <= len(set(facts)) <= 30, f"{topic}: {len(set(facts))} facts"
         for f in facts:
             keys = {k for k in mc.TOPICS if _key_in(k, f)}
             assert keys == {topic}, f"fact {f!r} of {topic!r} names topics {keys}"

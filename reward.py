@@ -1,0 +1,85 @@
+"""
+The reward model: what it reads, the losses it learns from, and how its scores are normalised.
+
+The network is `model.GPTScalar` (the GPT trunk with an n_embd -> 1 head), initialised from the SFT model. It
+reads prompt + response and its score is the scalar at the **last real token** (the response's EOS). This file
+holds the equations as small functions; train_rm.py trains it and train_ppo.py uses it.
+
+References: Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022 (InstructGPT, eq. 1).
+"""
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from model import GPTConfig, GPTScalar
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token of each row of a (B, T) 0/1 mask (works with left and right padding)."""
+    T = attention_mask.size(1)
+    positions = torch.arange(T, device=attention_mask.device)                        # (T,)
+    return (attention_mask.long() * positions).argmax(1)                              # (B,)
+
+
+def score(rm, tokens, attention_mask):
+    """r_θ(x, y): the reward model's scalar read at the last real token of prompt + response. (B, T) -> (B,)"""
+    values = rm(tokens, attention_mask=attention_mask)                                # (B, T)
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)     # (B,)
+
+
+# loss = −log σ(r_θ(x, y_w) − r_θ(x, y_l))                      (Bradley–Terry; Stiennon et al. 2020)
+def pairwise_loss(r_chosen, r_rejected):
+    """Mean over pairs of −log σ(r_w − r_l). Equal rewards -> ln 2; margin 1 -> 0.313262 (RLHF_DETAILS #11)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+# loss(θ) = −1/C(K,2) · E_(x, y_w, y_l) [ log σ(r_θ(x, y_w) − r_θ(x, y_l)) ]           (InstructGPT, eq. 1)
+def ranking_loss(rewards, k=None):
+    """InstructGPT's loss over all C(K,2) pairs of K ranked responses per prompt.
+
+    rewards: (N, K) scores of each prompt's responses, sorted best first (rewards[:, 0] is the preferred one).
+    k: optional (N,) number of real responses per row when rows have different K (the rest is padding).
+    All pairs of one prompt stay in the same batch element and are averaged there (training on the pairs as
+    independent samples overfits within an epoch, InstructGPT §3.5); then the mean over prompts.
+    K = 3 with rewards [2, 1, 0] -> mean pair loss 0.251150.
+    """
+    N, K = rewards.shape
+    if k is None:
+        k = torch.full((N,), K, device=rewards.device)
+    i, j = torch.triu_indices(K, K, offset=1, device=rewards.device)                 # (P,) each, i < j: i ranked higher
+    pair_loss = -F.logsigmoid(rewards[:, i] - rewards[:, j])                          # (N, P)
+    valid = (j[None, :] < k[:, None]).float()                                         # (N, P) both responses real
+    per_prompt = (pair_loss * valid).sum(1) / valid.sum(1).clamp(min=1)               # (N,) averaged over its pairs
+    return per_prompt.mean()
+
+
+def pair_accuracy(rewards, k=None):
+    """Share of ranked pairs (i above j) the model orders the same way: r_i > r_j. rewards (N, K) best first."""
+    N, K = rewards.shape
+    if k is None:
+        k = torch.full((N,), K, device=rewards.device)
+    i, j = torch.triu_indices(K, K, offset=1, device=rewards.device)                 # (P,) each
+    valid = j[None, :] < k[:, None]                                                   # (N, P)
+    right = (rewards[:, i] > rewards[:, j]) & valid                                   # (N, P)
+    return right.sum().item(), valid.sum().item()
+
+
+# r'(x, y) = (r_θ(x, y) − μ) / σ,  μ, σ measured on samples of the SFT policy   (Ziegler et al. 2019; RLHF_DETAILS #13)
+def normalize(scores, mu, sigma):
+    """So that SFT samples score mean 0, std 1, and the KL coefficient β keeps the same meaning across RMs."""
+    return (scores - mu) / sigma
+
+
+def all_pairs(ranking_len):
+    """The C(K,2) (better, worse) index pairs of a list ranked best first."""
+    return list(itertools.combinations(range(ranking_len), 2))
+
+
+def load_reward_model(ckpt, device="cpu"):
+    """(GPTScalar in eval mode without gradients, μ, σ) from a reward-model checkpoint dict."""
+    rm = GPTScalar(GPTConfig(**ckpt["model_args"]))
+    rm.load_state_dict(ckpt["model"])
+    rm.to(device).eval().requires_grad_(False)
+    return rm, ckpt.get("mu", 0.0), ckpt.get("sigma", 1.0)

@@ -1,0 +1,367 @@
+"""
+Stage 2: the reward model. A GPT with a scalar head learns human preferences from ranked responses
+(InstructGPT §3.5): the loss over all C(K,2) pairs of K ranked answers per prompt (reward.py).
+
+Data, by flags:
+  --data=pairs.jsonl[.gz]  preferences in any of the README's formats: HH-RLHF `chosen`/`rejected` conversations,
+                           explicit `prompt`/`chosen`/`rejected`, or K-way `prompt`/`responses`/`ranking`;
+  no --data                the built-in task, collected as InstructGPT did: K responses per prompt sampled from the
+                           SFT policy, ranked by the noisy labeler (data/minichat.py), written to JSONL first
+                           (<out_dir>/comparisons_{train,val}.jsonl) so the data can be inspected and reused.
+
+Trains about one epoch with an annealed learning rate, reports held-out pairwise accuracy (and, on the built-in
+task, accuracy against the noise-free gold ordering next to the labeler's own agreement with gold), then measures
+μ, σ of its scores on fresh SFT samples and stores them in the checkpoint, so normalised scores of SFT samples
+have mean 0 and std 1 (RLHF_DETAILS #13).
+
+Reads --init_from (default out/sft/ckpt.pt). Writes <out_dir>/ckpt.pt, log.jsonl, summary.json.
+
+  python train_rm.py                                     # built-in task, after train_sft.py
+  python train_rm.py --data=data/hh_rlhf/pairs_train.jsonl --val_data=data/hh_rlhf/pairs_val.jsonl
+"""
+
+import argparse
+import math
+import os
+import random
+import time
+
+import torch
+
+import common as C
+import reward
+from model import GPT, GPTConfig, GPTScalar
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", default="", help="preference JSONL (pairs or K-way rankings); empty = collect on the built-in task")
+    a("--val_data", default="", help="held-out preferences; empty = built-in held-out collection, or 5%% of --data")
+    a("--init_from", default="out/sft/ckpt.pt", help="SFT checkpoint: the trunk, the tokenizer and the sampler")
+    a("--out_dir", default="out/rm")
+    # collection on the built-in task (InstructGPT's pipeline)
+    a("--n_prompts", type=int, default=2000, help="built-in: train prompts to collect comparisons on")
+    a("--n_val_prompts", type=int, default=300, help="built-in: held-out prompts to collect comparisons on")
+    a("--K", type=int, default=4, help="built-in: responses ranked per prompt (InstructGPT: 4 ≤ K ≤ 9)")
+    a("--label_temperature", type=float, default=1.0, help="built-in: the noisy labeler's Plackett–Luce temperature")
+    a("--max_new_tokens", type=int, default=64, help="response length limit when sampling")
+    a("--recollect", type=int, default=0, help="1: collect again even if the comparison files exist")
+    # optimisation
+    a("--batch_size", type=int, default=16, help="prompts per step (each with its K responses)")
+    a("--epochs", type=float, default=1.0, help="passes over the training comparisons (about 1: RLHF_DETAILS #12)")
+    a("--learning_rate", type=float, default=1e-3, help="peak learning rate")
+    a("--min_lr", type=float, default=0.0)
+    a("--warmup_iters", type=int, default=10)
+    a("--weight_decay", type=float, default=0.0)
+    a("--grad_clip", type=float, default=1.0)
+    a("--max_tokens", type=int, default=0, help="truncate prompt+response to this many tokens (0 = block_size)")
+    # evaluation and normalisation
+    a("--eval_interval", type=int, default=50, help="steps between held-out evaluations (and checkpoints)")
+    a("--n_norm", type=int, default=512, help="SFT samples used to measure the normalisation μ, σ (0 = skip)")
+    a("--log_interval", type=int, default=10)
+    # system
+    a("--device", default="auto")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    a("--compile", type=int, default=0)
+    a("--threads", type=int, default=0)
+    a("--seed", type=int, default=1337)
+    a("--resume", type=int, default=0, help="1: continue the run in --out_dir from its checkpoint")
+    a("--stop_after", type=int, default=0, help="stop after this many steps of this session (simulates a kill)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.epochs <= 0:
+        C.fail("--batch_size must be ≥ 1 and --epochs > 0")
+    if args.K < 2:
+        C.fail(f"--K={args.K}: a ranking needs at least 2 responses")
+    for flag in ("data", "val_data"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            C.fail(f"--{flag}={path}: no such file")
+    if args.val_data and not args.data:
+        C.fail("--val_data needs --data")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# collecting comparisons on the built-in task
+
+
+def collect(policy, tok, requests, K, label_temperature, max_new_tokens, seed, device, dtype):
+    """K samples per prompt from the SFT policy, ranked by the noisy labeler. Only responses that ended with EOS
+    are kept (PPO never asks the reward model about the others: they get the missing-EOS penalty instead)."""
+    from data import minichat
+    from tokenizer import render_prompt
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rng = random.Random(seed)
+    draws = K + 2  # a few spares for the rare sample without EOS
+    prompts = [render_prompt(tok, [{"role": "user", "content": r}]) for r in requests]
+    samples = C.sample_texts(policy, tok, [p for p in prompts for _ in range(draws)], max_new_tokens, gen,
+                             device=device, dtype=dtype)
+    rows = []
+    for n, request in enumerate(requests):
+        responses = [text for text, eos in samples[n * draws:(n + 1) * draws] if eos and text.strip()][:K]
+        if len(responses) < K:
+            continue
+        rows.append({"prompt": request, "responses": responses,
+                     "ranking": minichat.rank(request, responses, rng, temperature=label_temperature)})
+    return rows
+
+
+def builtin_comparisons(args, policy, tok, device, dtype):
+    """Collect (or reuse) the built-in task's comparisons; returns the train and val JSONL paths."""
+    from data.formats import load_prompts, write_jsonl
+    paths = C.prepare_builtin()
+    out = {s: os.path.join(args.out_dir, f"comparisons_{s}.jsonl") for s in ("train", "val")}
+    if all(os.path.exists(p) for p in out.values()) and not args.recollect:
+        print(f"reusing comparisons in {out['train']} and {out['val']} (--recollect=1 to collect again)")
+        return out
+    t0 = time.time()
+    for split, n, key, seed in (("train", args.n_prompts, "prompts_train", args.seed),
+                                ("val", args.n_val_prompts, "prompts_val", args.seed + 1)):
+        requests = [m[-1]["content"] for m in load_prompts(paths[key])]
+        random.Random(seed).shuffle(requests)
+        rows = collect(policy, tok, requests[:n], args.K, args.label_temperature, args.max_new_tokens, seed, device,
+                       dtype)
+        write_jsonl(out[split], rows)
+        print(f"collected {len(rows)} {split} comparisons of K={args.K} in {time.time() - t0:.0f}s -> {out[split]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenised comparisons
+
+
+class Comparisons:
+    """Each item: K token sequences (prompt + response + EOS), best first. A batch flattens the items' responses
+    into one right-padded (ΣK, T) tensor, so the whole batch goes through the model in one forward pass."""
+
+    def __init__(self, items, tok, max_tokens, where):
+        from tokenizer import render_chat
+        self.items = []
+        for it in items:
+            seqs = [render_chat(tok, it["prompt"] + [{"role": "assistant", "content": r}], max_tokens)[0]
+                    for r in it["responses"]]
+            self.items.append(seqs)
+        if not self.items:
+            C.fail(f"{where}: no comparisons")
+        self.n_pairs = sum(math.comb(len(s), 2) for s in self.items)
+
+    def batch(self, idx, device):
+        rows = [self.items[int(i)] for i in idx]
+        K = max(len(r) for r in rows)
+        seqs = [s for r in rows for s in r]
+        T = max(len(s) for s in seqs)
+        x = torch.zeros(len(seqs), T, dtype=torch.long)                                 # (ΣK, T)
+        mask = torch.zeros(len(seqs), T, dtype=torch.long)                              # (ΣK, T)
+        for n, s in enumerate(seqs):
+            x[n, :len(s)] = torch.tensor(s)
+            mask[n, :len(s)] = 1
+        k = torch.tensor([len(r) for r in rows])                                        # (N,)
+        where = torch.full((len(rows), K), -1, dtype=torch.long)                        # (N, K) row of each response
+        n = 0
+        for i, r in enumerate(rows):
+            where[i, :len(r)] = torch.arange(n, n + len(r))
+            n += len(r)
+        return x.to(device), mask.to(device), k.to(device), where.to(device)
+
+
+def batch_rewards(rm, batch, device, dtype):
+    """(N, K) reward-model scores of a batch, best-first order kept; padding slots hold 0."""
+    x, mask, k, where = batch
+    with C.autocast(device, dtype):
+        # right padding: every real token comes before the padding, so the causal mask alone keeps it unseen
+        values = rm(x).float()                                                          # (ΣK, T)
+    r = values.gather(1, reward.last_token_index(mask)[:, None]).squeeze(1)             # (ΣK,)
+    return torch.where(where >= 0, r[where.clamp(min=0)], 0.0), k                       # (N, K), (N,)
+
+
+@torch.no_grad()
+def evaluate(rm, val, args, device, dtype, raw_val=None):
+    """Held-out pairwise accuracy against the labels; on the built-in task also against gold, on pairs whose
+    gold scores differ, and the noisy labeler's own agreement with gold on those pairs (the ceiling)."""
+    rm.eval()
+    right = total = 0
+    gold_right = gold_total = label_agree = 0
+    for s in range(0, len(val.items), args.batch_size):
+        idx = list(range(s, min(s + args.batch_size, len(val.items))))
+        r, k = batch_rewards(rm, val.batch(idx, device), device, dtype)
+        a, b = reward.pair_accuracy(r, k)
+        right, total = right + a, total + b
+        if raw_val is not None:
+            from data import minichat
+            for row, i in enumerate(idx):
+                item = raw_val[i]
+                golds = [minichat.gold(item["request"], resp) for resp in item["responses"]]
+                for p, q in reward.all_pairs(len(golds)):  # p ranked above q by the noisy labeler
+                    if golds[p] == golds[q]:
+                        continue
+                    gold_total += 1
+                    label_agree += golds[p] > golds[q]
+                    gold_right += (r[row, p] > r[row, q]).item() == (golds[p] > golds[q])
+    rm.train()
+    out = {"val_accuracy": right / max(total, 1)}
+    if raw_val is not None:
+        out["val_accuracy_gold"] = gold_right / max(gold_total, 1)
+        out["labeler_agreement"] = label_agree / max(gold_total, 1)
+    return out
+
+
+@torch.no_grad()
+def measure_normalisation(rm, policy, tok, requests, max_new_tokens, seed, device, dtype):
+    """μ, σ of the reward model's scores on fresh samples of the SFT policy (RLHF_DETAILS #13)."""
+    from tokenizer import render_chat, render_prompt
+    gen = torch.Generator(device=device).manual_seed(seed)
+    samples = C.sample_texts(policy, tok, [render_prompt(tok, m) for m in requests], max_new_tokens, gen,
+                             device=device, dtype=dtype)
+    seqs = [render_chat(tok, m + [{"role": "assistant", "content": t}])[0]
+            for m, (t, eos) in zip(requests, samples) if eos]
+    scores = []
+    rm.eval()
+    for s in range(0, len(seqs), 64):
+        chunk = seqs[s:s + 64]
+        x = torch.zeros(len(chunk), max(len(c) for c in chunk), dtype=torch.long)       # (B, T)
+        mask = torch.zeros_like(x)                                                      # (B, T)
+        for n, c in enumerate(chunk):
+            x[n, :len(c)], mask[n, :len(c)] = torch.tensor(c), 1
+        with C.autocast(device, dtype):
+            scores.append(reward.score(rm, x.to(device), mask.to(device)).float().cpu())
+    rm.train()
+    scores = torch.cat(scores)
+    return scores.mean().item(), scores.std(unbiased=False).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    from data.formats import DataError, load_preferences, load_prompts
+    from tokenizer import Tokenizer
+    args = get_args(argv)
+    device = C.get_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    C.setup_torch(device, args.seed, args.threads)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    t_start = time.time()
+
+    # the SFT policy: the trunk to start from, the tokenizer, and the sampler for collection and normalisation
+    sft = C.load_checkpoint(args.init_from, "--init_from SFT checkpoint")
+    tok = Tokenizer.from_dict(sft["tokenizer"])
+    policy = GPT(GPTConfig(**sft["model_args"]))
+    policy.load_state_dict(sft["model"])
+    policy.to(device).eval()
+    max_tokens = args.max_tokens or policy.config.block_size
+    if max_tokens > policy.config.block_size:
+        C.fail(f"--max_tokens={max_tokens} is longer than the model's block_size={policy.config.block_size}")
+
+    builtin = not args.data
+    train_path, val_path = args.data, args.val_data
+    if builtin:
+        paths = builtin_comparisons(args, policy, tok, device, dtype)
+        train_path, val_path = paths["train"], paths["val"]
+    try:
+        train_items = load_preferences(train_path)
+        if val_path:
+            val_items = load_preferences(val_path)
+        else:  # hold out the first 5%
+            cut = max(1, len(train_items) // 20)
+            train_items, val_items = train_items[cut:], train_items[:cut]
+    except DataError as e:
+        C.fail(str(e))
+    raw_val = None
+    if builtin:  # the gold labeler reads each held-out response's text, in label order
+        raw_val = [{"request": it["prompt"][-1]["content"], "responses": it["responses"]} for it in val_items]
+    train = Comparisons(train_items, tok, max_tokens, train_path)
+    val = Comparisons(val_items, tok, max_tokens, val_path)
+    print(f"comparisons: {len(train.items)} train prompts ({train.n_pairs} pairs), {len(val.items)} held-out "
+          f"({val.n_pairs} pairs)")
+
+    rm = GPTScalar.from_gpt(policy).train()  # trunk from the SFT model, fresh head N(0, 1/√(d+1))
+    optimizer = rm.gpt.configure_optimizers(args.weight_decay, args.learning_rate, device_type=device.split(":")[0])
+    optimizer.add_param_group({"params": list(rm.head.parameters()), "weight_decay": 0.0})
+    steps_per_epoch = math.ceil(len(train.items) / args.batch_size)
+    max_iters = max(1, round(args.epochs * steps_per_epoch))
+    data_gen = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train.items), generator=data_gen)
+    start_iter = 0
+    if args.resume:
+        ck = C.load_checkpoint(ckpt_path, "--resume checkpoint")
+        rm.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        C.set_rng_state(ck["rng"], data_gen)
+        order, start_iter = ck["order"], ck["iter"]
+        print(f"resuming {ckpt_path} at step {start_iter}")
+    log = C.RunLog(args.out_dir, resume_step=start_iter if args.resume else None)
+    fwd = torch.compile(rm) if args.compile else rm
+
+    def save(it, extra=None):
+        C.save_checkpoint(ckpt_path, {
+            "stage": "rm", "model": rm.state_dict(), "model_args": C.model_args(rm), "optimizer": optimizer.state_dict(),
+            "iter": it, "order": order, "args": vars(args), "tokenizer": tok.to_dict(), "rng": C.rng_state(data_gen),
+            **(extra or {})})
+
+    t_loop, steps_done = time.time(), 0
+    for it in range(start_iter, max_iters):
+        if it % args.eval_interval == 0 and it > start_iter:
+            ev = evaluate(rm, val, args, device, dtype, raw_val)
+            log.log({"step": it, **ev}, f"eval step {it} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            save(it)
+        epoch_pos = (it % steps_per_epoch) * args.batch_size
+        if it > 0 and it % steps_per_epoch == 0:  # a new epoch: a new order
+            order = torch.randperm(len(train.items), generator=data_gen)
+        idx = order[epoch_pos:epoch_pos + args.batch_size]
+        lr = C.lr_at(it, max_iters, args.learning_rate, args.min_lr, args.warmup_iters, "cosine")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        r, k = batch_rewards(fwd, train.batch(idx, device), device, dtype)
+        loss = reward.ranking_loss(r, k)
+        loss.backward()
+        loss_val = loss.item()
+        C.check_finite(loss_val, "reward-model loss", it, ckpt_path)
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        right, total = reward.pair_accuracy(r.detach(), k)
+        steps_done += 1
+        row = {"step": it, "loss": loss_val, "accuracy": right / max(total, 1), "lr": lr, "ms": (time.time() - t0) * 1000}
+        line = None
+        if it % args.log_interval == 0 or it == max_iters - 1:
+            line = (f"rm step {it}/{max_iters} | loss {loss_val:.4f} | acc {row['accuracy']:.3f} | lr {lr:.2e} | "
+                    f"{row['ms']:.0f}ms | eta {C.eta(t_loop, steps_done, max_iters - start_iter)}")
+        log.log(row, line)
+        if args.stop_after and steps_done >= args.stop_after and it + 1 < max_iters:
+            save(it + 1)
+            print(f"stopping after {steps_done} steps (--stop_after); continue with --resume=1")
+            return
+
+    final = evaluate(rm, val, args, device, dtype, raw_val)
+    log.log({"step": max_iters, **final}, f"eval step {max_iters} | " +
+            " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    mu, sigma = 0.0, 1.0
+    summary = {**final, "seconds": 0.0, "iters": max_iters}
+    if args.n_norm > 0:
+        # fresh prompts from the train side of the data (HH: the train conversations' prompts)
+        if builtin:
+            reqs = [m for m in load_prompts(C.prepare_builtin()["prompts_train"])]
+            random.Random(args.seed + 2).shuffle(reqs)
+            norm_prompts, check_prompts = reqs[:args.n_norm], reqs[args.n_norm:2 * args.n_norm]
+        else:
+            allp = [it["prompt"] for it in train_items]
+            random.Random(args.seed + 2).shuffle(allp)
+            norm_prompts, check_prompts = allp[:args.n_norm], allp[args.n_norm:2 * args.n_norm]
+        mu, sigma = measure_normalisation(rm, policy, tok, norm_prompts, args.max_new_tokens, args.seed + 3,
+                                          device, dtype)
+        summary.update({"reward_mean": mu, "reward_std": sigma})
+        if check_prompts:  # fresh samples on other prompts: normalised, they should score mean 0, std 1
+            m2, s2 = measure_normalisation(rm, policy, tok, check_prompts, args.max_new_tokens, args.seed + 4,
+                                           device, dtype)
+            summary.update({"normalised_check_mean": (m2 - mu) / sigma, "normalised_check_std": s2 / sigma})
+    save(max_iters, {"mu": mu, "sigma": sigma})
+    summary["seconds"] = time.time() - t_start
+    C.write_json(os.path.join(args.out_dir, "summary.json"), summary)
+    print("summary: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    main()
