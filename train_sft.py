@@ -45,10 +45,10 @@ def get_args(argv=None):
     a("--dropout", type=float, default=0.0)
     a("--attn_impl", default="sdpa", choices=["sdpa", "explicit"])
     # optimisation
-    a("--batch_size", type=int, default=32, help="sequences per micro-batch")
+    a("--batch_size", type=int, default=64, help="sequences per micro-batch")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--max_iters", type=int, default=1000, help="optimizer steps")
-    a("--learning_rate", type=float, default=2e-3, help="peak learning rate")
+    a("--max_iters", type=int, default=700, help="optimizer steps")
+    a("--learning_rate", type=float, default=4e-3, help="peak learning rate")
     a("--min_lr", type=float, default=1e-4, help="learning rate at the end of the decay")
     a("--warmup_iters", type=int, default=50)
     a("--decay", default="cosine", choices=["cosine", "linear", "constant"])
@@ -57,13 +57,14 @@ def get_args(argv=None):
     a("--beta2", type=float, default=0.95)
     a("--grad_clip", type=float, default=1.0, help="clip the gradient's global norm (0 = off)")
     # evaluation and logging
-    a("--eval_interval", type=int, default=250, help="steps between evaluations (and checkpoints)")
+    a("--eval_interval", type=int, default=350, help="steps between evaluations (and checkpoints)")
     a("--eval_iters", type=int, default=10, help="held-out batches per evaluation")
     a("--log_interval", type=int, default=10, help="steps between printed lines (log.jsonl gets every step)")
-    a("--n_eval_prompts", type=int, default=200, help="built-in task: held-out prompts sampled at each eval")
+    a("--n_eval_prompts", type=int, default=256, help="built-in task: held-out prompts sampled at each eval")
     a("--n_show", type=int, default=2, help="samples printed at each eval")
     a("--max_new_tokens", type=int, default=64, help="response length limit when sampling")
-    a("--temperature", type=float, default=1.0, help="sampling temperature of the eval samples")
+    a("--temperature", type=float, default=0.7, help="sampling temperature T of the eval samples (the same T "
+                                                        "as the RM collection and PPO)")
     # system
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 on CUDA")
@@ -95,7 +96,10 @@ def get_args(argv=None):
 class ChatData:
     """Rendered conversations: token ids and the mask of the assistant tokens to learn from (EOS included).
     Batches are right-padded; the padding comes after every real token, so the causal mask already keeps it out
-    of sight, and its targets are −1 (ignored)."""
+    of sight, and its targets are −1 (ignored). To waste little compute on padding, each group of `bucket`
+    batches is drawn at random and then split by length (a bucketing sampler)."""
+
+    bucket = 8
 
     def __init__(self, conversations, tok, block_size, where):
         from tokenizer import render_chat
@@ -108,9 +112,16 @@ class ChatData:
             C.fail(f"{where}: no conversation with an assistant turn to learn from")
         self.n_tokens = sum(len(ids) for ids, _ in self.examples)
 
-    def batch(self, batch_size, generator, device, order=None):
-        pick = order if order is not None else torch.randint(len(self.examples), (batch_size,), generator=generator)
-        rows = [self.examples[int(i)] for i in pick]
+    def batch(self, batch_size, step, seed, device):
+        """The batch of training step `step`: a pure function of (seed, step), so a resumed run sees the same data."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step // self.bucket)
+        pool = torch.randint(len(self.examples), (batch_size * self.bucket,), generator=g).tolist()
+        pool.sort(key=lambda i: len(self.examples[i][0]))
+        k = torch.randperm(self.bucket, generator=g)[step % self.bucket].item()  # the group's batches in random order
+        return self.collate([self.examples[i] for i in pool[k * batch_size:(k + 1) * batch_size]], device)
+
+    @staticmethod
+    def collate(rows, device):
         T = max(len(ids) for ids, _ in rows) - 1
         x = torch.zeros(len(rows), T, dtype=torch.long)                                    # (B, T)
         y = torch.full((len(rows), T), -1, dtype=torch.long)                               # (B, T)
@@ -132,10 +143,10 @@ class TextData:
         if len(tokens) <= block_size + 1:
             C.fail(f"{where}: only {len(tokens)} tokens, fewer than --block_size+2={block_size + 2}")
 
-    def batch(self, batch_size, generator, device, order=None):
-        starts = order if order is not None else \
-            torch.randint(len(self.tokens) - self.block_size - 1, (batch_size,), generator=generator)
-        w = torch.stack([self.tokens[int(s):int(s) + self.block_size + 1] for s in starts])  # (B, T+1)
+    def batch(self, batch_size, step, seed, device):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        starts = torch.randint(len(self.tokens) - self.block_size - 1, (batch_size,), generator=g)
+        w = torch.stack([self.tokens[s:s + self.block_size + 1] for s in starts.tolist()])  # (B, T+1)
         return w[:, :-1].to(device), w[:, 1:].to(device)
 
 
@@ -223,9 +234,8 @@ def evaluate(model, val, args, device, dtype, tok, prompts, step):
     """Held-out loss over fixed batches; on the built-in task also gold score and well-formedness of samples."""
     model.eval()
     losses = []
-    g = torch.Generator().manual_seed(args.seed)  # the same held-out batches at every eval
-    for _ in range(args.eval_iters):
-        x, y = val.batch(args.batch_size, g, device)
+    for i in range(args.eval_iters):  # the same held-out batches at every eval
+        x, y = val.batch(args.batch_size, i, args.seed + 7, device)
         with C.autocast(device, dtype):
             _, loss = model(x, targets=y)
         losses.append(loss.item())
@@ -275,11 +285,10 @@ def main(argv=None):
 
     optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
                                            device_type=device.split(":")[0])
-    data_gen = torch.Generator().manual_seed(args.seed)  # the order of training batches
     start_iter = 0
     if resume_ckpt is not None:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
-        C.set_rng_state(resume_ckpt["rng"], data_gen)
+        C.set_rng_state(resume_ckpt["rng"])
         start_iter = resume_ckpt["iter"]
         print(f"resuming {ckpt_path} at step {start_iter}")
     log = C.RunLog(args.out_dir, resume_step=start_iter if args.resume else None)
@@ -289,7 +298,7 @@ def main(argv=None):
         C.save_checkpoint(ckpt_path, {
             "stage": "sft", "model": model.state_dict(), "model_args": C.model_args(model),
             "optimizer": optimizer.state_dict(), "iter": it, "args": vars(args), "tokenizer": tok.to_dict(),
-            "rng": C.rng_state(data_gen)})
+            "rng": C.rng_state()})
 
     model.train()
     t_loop, steps_done = time.time(), 0
@@ -302,8 +311,8 @@ def main(argv=None):
             group["lr"] = lr
         t0 = time.time()
         loss_sum = 0.0
-        for _ in range(args.grad_accum):
-            x, y = train.batch(args.batch_size, data_gen, device)
+        for micro in range(args.grad_accum):
+            x, y = train.batch(args.batch_size, it * args.grad_accum + micro, args.seed, device)
             with C.autocast(device, dtype):
                 _, loss = fwd(x, targets=y)
             (loss / args.grad_accum).backward()
