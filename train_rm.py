@@ -41,11 +41,12 @@ def get_args(argv=None):
     a("--init_from", default="out/sft/ckpt.pt", help="SFT checkpoint: the trunk, the tokenizer and the sampler")
     a("--out_dir", default="out/rm")
     # collection on the built-in task (InstructGPT's pipeline)
-    a("--n_prompts", type=int, default=2000, help="built-in: train prompts to collect comparisons on")
+    a("--n_prompts", type=int, default=6000, help="built-in: train prompts to collect comparisons on")
     a("--n_val_prompts", type=int, default=300, help="built-in: held-out prompts to collect comparisons on")
     a("--K", type=int, default=4, help="built-in: responses ranked per prompt (InstructGPT: 4 ≤ K ≤ 9)")
     a("--label_temperature", type=float, default=1.0, help="built-in: the noisy labeler's Plackett–Luce temperature")
     a("--max_new_tokens", type=int, default=64, help="response length limit when sampling")
+    a("--temperature", type=float, default=0.7, help="sampling temperature T (the same T as PPO will use)")
     a("--recollect", type=int, default=0, help="1: collect again even if the comparison files exist")
     # optimisation
     a("--batch_size", type=int, default=16, help="prompts per step (each with its K responses)")
@@ -86,17 +87,17 @@ def get_args(argv=None):
 # collecting comparisons on the built-in task
 
 
-def collect(policy, tok, requests, K, label_temperature, max_new_tokens, seed, device, dtype):
+def collect(policy, tok, requests, K, label_temperature, max_new_tokens, temperature, seed, device, dtype):
     """K samples per prompt from the SFT policy, ranked by the noisy labeler. Only responses that ended with EOS
     are kept (PPO never asks the reward model about the others: they get the missing-EOS penalty instead)."""
     from data import minichat
     from tokenizer import render_prompt
     gen = torch.Generator(device=device).manual_seed(seed)
     rng = random.Random(seed)
-    draws = K + 2  # a few spares for the rare sample without EOS
+    draws = K + 1  # a spare for the rare sample without EOS
     prompts = [render_prompt(tok, [{"role": "user", "content": r}]) for r in requests]
     samples = C.sample_texts(policy, tok, [p for p in prompts for _ in range(draws)], max_new_tokens, gen,
-                             device=device, dtype=dtype)
+                             temperature, device=device, dtype=dtype)
     rows = []
     for n, request in enumerate(requests):
         responses = [text for text, eos in samples[n * draws:(n + 1) * draws] if eos and text.strip()][:K]
@@ -120,8 +121,8 @@ def builtin_comparisons(args, policy, tok, device, dtype):
                                 ("val", args.n_val_prompts, "prompts_val", args.seed + 1)):
         requests = [m[-1]["content"] for m in load_prompts(paths[key])]
         random.Random(seed).shuffle(requests)
-        rows = collect(policy, tok, requests[:n], args.K, args.label_temperature, args.max_new_tokens, seed, device,
-                       dtype)
+        rows = collect(policy, tok, requests[:n], args.K, args.label_temperature, args.max_new_tokens,
+                       args.temperature, seed, device, dtype)
         write_jsonl(out[split], rows)
         print(f"collected {len(rows)} {split} comparisons of K={args.K} in {time.time() - t0:.0f}s -> {out[split]}")
     return out
@@ -207,12 +208,12 @@ def evaluate(rm, val, args, device, dtype, raw_val=None):
 
 
 @torch.no_grad()
-def measure_normalisation(rm, policy, tok, requests, max_new_tokens, seed, device, dtype):
+def measure_normalisation(rm, policy, tok, requests, max_new_tokens, temperature, seed, device, dtype):
     """μ, σ of the reward model's scores on fresh samples of the SFT policy (RLHF_DETAILS #13)."""
     from tokenizer import render_chat, render_prompt
     gen = torch.Generator(device=device).manual_seed(seed)
     samples = C.sample_texts(policy, tok, [render_prompt(tok, m) for m in requests], max_new_tokens, gen,
-                             device=device, dtype=dtype)
+                             temperature, device=device, dtype=dtype)
     seqs = [render_chat(tok, m + [{"role": "assistant", "content": t}])[0]
             for m, (t, eos) in zip(requests, samples) if eos]
     scores = []
@@ -350,12 +351,12 @@ def main(argv=None):
             allp = [it["prompt"] for it in train_items]
             random.Random(args.seed + 2).shuffle(allp)
             norm_prompts, check_prompts = allp[:args.n_norm], allp[args.n_norm:2 * args.n_norm]
-        mu, sigma = measure_normalisation(rm, policy, tok, norm_prompts, args.max_new_tokens, args.seed + 3,
-                                          device, dtype)
+        mu, sigma = measure_normalisation(rm, policy, tok, norm_prompts, args.max_new_tokens, args.temperature,
+                                          args.seed + 3, device, dtype)
         summary.update({"reward_mean": mu, "reward_std": sigma})
         if check_prompts:  # fresh samples on other prompts: normalised, they should score mean 0, std 1
-            m2, s2 = measure_normalisation(rm, policy, tok, check_prompts, args.max_new_tokens, args.seed + 4,
-                                           device, dtype)
+            m2, s2 = measure_normalisation(rm, policy, tok, check_prompts, args.max_new_tokens, args.temperature,
+                                           args.seed + 4, device, dtype)
             summary.update({"normalised_check_mean": (m2 - mu) / sigma, "normalised_check_std": s2 / sigma})
     save(max_iters, {"mu": mu, "sigma": sigma})
     summary["seconds"] = time.time() - t_start

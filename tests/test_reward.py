@@ -1,0 +1,197 @@
+"""Tests for reward.py: the pairwise and ranking losses against RLHF_DETAILS #11, per-prompt averaging with ragged
+K, pair accuracy, where the score is read (the last real token, with left or right padding, #9) on a real tiny
+GPTScalar, and normalisation (#13). CPU, a second or two.
+
+    python -m pytest -q tests/test_reward.py
+"""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPTConfig, GPTScalar
+from reward import all_pairs, last_token_index, normalize, pair_accuracy, pairwise_loss, ranking_loss, score
+
+V = 50
+EOS = 1
+PAD = V  # outside the vocabulary on purpose: a PAD must never be looked up unmasked
+
+
+def close(a, b, atol=1e-5):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                               atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# losses (#11)
+
+
+@pytest.mark.parametrize("margin, loss", [(0.0, 0.693147), (1.0, 0.313262), (2.0, 0.126928), (-1.0, 1.313262)])
+def test_pairwise_loss_vectors(margin, loss):
+    close(pairwise_loss(torch.tensor([0.3 + margin]), torch.tensor([0.3])), loss, atol=1e-6)
+
+
+def test_pairwise_loss_is_mean_over_pairs():
+    rw, rl = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 0.0])
+    close(pairwise_loss(rw, rl), (0.313262 + 0.693147 + 0.126928) / 3, atol=1e-6)
+
+
+def test_ranking_loss_k3_vector():
+    close(ranking_loss(torch.tensor([[2.0, 1.0, 0.0]])), 0.251150, atol=1e-5)
+
+
+def test_ranking_loss_equals_mean_pairwise_loss_k4():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(5, 4, generator=g, dtype=torch.float64) * 2
+    pairs = list(itertools.combinations(range(4), 2))
+    assert len(pairs) == 6 and pairs == all_pairs(4)
+    for row in rewards:  # one prompt at a time
+        rw = torch.stack([row[i] for i, _ in pairs])
+        rl = torch.stack([row[j] for _, j in pairs])
+        close(ranking_loss(row[None]), pairwise_loss(rw, rl))
+    # the batch: every row has the same K, so the mean of per-prompt means is the mean over all pairs
+    rw = torch.cat([rewards[:, i:i + 1] for i, _ in pairs], 1)
+    rl = torch.cat([rewards[:, j:j + 1] for _, j in pairs], 1)
+    close(ranking_loss(rewards), pairwise_loss(rw.flatten(), rl.flatten()))
+
+
+def test_ranking_loss_gradient_is_better_above_worse():
+    rewards = torch.zeros(1, 3, requires_grad=True)
+    ranking_loss(rewards).backward()
+    g = rewards.grad[0]
+    assert g[0] < 0 < g[2], f"the best response should be pushed up, the worst down; grad {g.tolist()}"
+
+
+def test_ranking_loss_ragged_k_per_prompt_mean():
+    # row 0: K = 4, six pairs with small losses; row 1: K = 2, one pair with a big loss, then two padding slots
+    row0 = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    row1 = torch.tensor([0.0, 5.0])
+    k = torch.tensor([4, 2])
+    pairs0 = [-F.logsigmoid(row0[i] - row0[j]) for i, j in itertools.combinations(range(4), 2)]
+    pair1 = -F.logsigmoid(row1[0] - row1[1])
+    per_prompt = (torch.stack(pairs0).mean() + pair1) / 2                 # InstructGPT: mean over prompts
+    over_pairs = (torch.stack(pairs0).sum() + pair1) / 7                  # the wrong one: pairs as samples
+    assert abs(per_prompt - over_pairs) > 0.5  # the example tells them apart
+    losses = []
+    for fill in (-100.0, 0.0, 37.0, float(torch.randn(1))):
+        rewards = torch.stack([row0, torch.cat([row1, torch.full((2,), fill)])])
+        losses.append(ranking_loss(rewards, k))
+        close(losses[-1], per_prompt)
+    # padding slots get no gradient
+    rewards = torch.stack([row0, torch.cat([row1, torch.tensor([9.0, -9.0])])]).requires_grad_(True)
+    ranking_loss(rewards, k).backward()
+    close(rewards.grad[1, 2:], torch.zeros(2))
+    assert (rewards.grad[1, :2].abs() > 0).all()
+
+
+def test_pair_accuracy_counts():
+    rewards = torch.tensor([[3.0, 1.0, 2.0], [0.0, 1.0, 0.0]])
+    # row 0: (0,1) right, (0,2) right, (1,2) wrong; row 1 with k = 2: (0,1) wrong; padding pairs not counted
+    for fill in (-50.0, 50.0):
+        rewards[1, 2] = fill
+        right, total = pair_accuracy(rewards, torch.tensor([3, 2]))
+        assert (right, total) == (2, 4)
+    right, total = pair_accuracy(torch.tensor([[3.0, 1.0, 2.0], [2.0, 1.0, 0.0]]))
+    assert (right, total) == (5, 6)
+    assert pair_accuracy(torch.tensor([[1.0, 1.0]])) == (0, 1)  # a tie is not a correct ordering
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# where the score is read (#9)
+
+
+def test_last_token_index():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]])
+    assert last_token_index(right).tolist() == [2, 0, 4]
+    assert last_token_index(left).tolist() == [4, 4, 4]
+    assert last_token_index(right.bool()).tolist() == [2, 0, 4]
+    # prompt left-padded, response right-padded (what train_ppo scores): last real token in the middle
+    both = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+    assert last_token_index(both).tolist() == [3, 5]
+
+
+def make_rm(seed=0):
+    """A tiny GPTScalar in eval mode with O(1) weights: GPT-2's std-0.02 init makes every position's output nearly
+    independent of the input, so a 1e-5 comparison would pass on a wrong index or a broken mask."""
+    rm = GPTScalar(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return rm.eval()
+
+
+SEQ = [7, 12, 3, 44, 9, 21, EOS]   # prompt + response, ending with EOS
+
+
+def pad(seq, left=0, right=0, pad_id=PAD):
+    tokens = torch.tensor([[pad_id] * left + seq + [pad_id] * right])
+    mask = torch.tensor([[0] * left + [1] * len(seq) + [0] * right])
+    return tokens, mask
+
+
+@torch.no_grad()
+def test_score_reads_last_real_token():
+    rm = make_rm()
+    tokens, mask = pad(SEQ)
+    s = score(rm, tokens, mask)
+    assert s.shape == (1,)
+    close(s, rm(tokens)[:, -1])  # with no padding: the scalar at the last position
+    # not the score at any other position (a bug reading position 0 or −2 would pass otherwise)
+    values = rm(tokens)[0]
+    assert (values[:-1] - s).abs().min() > 1e-3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("left, right", [(3, 0), (0, 3), (2, 4), (5, 1)])
+def test_score_padding_invariance(left, right):
+    rm = make_rm()
+    s0 = score(rm, *pad(SEQ))
+    close(score(rm, *pad(SEQ, left, right)), s0, atol=1e-5)
+    # a PAD's token id does not matter either
+    s1 = score(rm, *pad(SEQ, left, right, pad_id=17))
+    close(s1, s0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_score_batch_mixed_padding():
+    rm = make_rm()
+    other = [4, 8, 15, 16, 23, EOS]
+    s_seq, s_other = score(rm, *pad(SEQ)), score(rm, *pad(other))
+    t1, m1 = pad(SEQ, 0, 2)        # right-padded to 9
+    t2, m2 = pad(other, 3, 0)      # left-padded to 9
+    s = score(rm, torch.cat([t1, t2]), torch.cat([m1, m2]))
+    close(s, torch.cat([s_seq, s_other]), atol=1e-5)
+
+
+@torch.no_grad()
+def test_score_depends_on_last_token_not_on_pad():
+    rm = make_rm()
+    s0 = score(rm, *pad(SEQ, 2, 2))
+    changed = SEQ[:-1] + [30]
+    s1 = score(rm, *pad(changed, 2, 2))
+    assert (s1 - s0).abs().item() > 1e-3, "changing the last real token must change the score"
+    tokens, mask = pad(SEQ, 2, 2)
+    tokens[0, 0], tokens[0, -1] = 5, 33  # change one left and one right PAD id
+    close(score(rm, tokens, mask), s0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# normalisation (#13)
+
+
+def test_normalize():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(1000, generator=g, dtype=torch.float64) * 3.7 + 2.1
+    mu, sigma = scores.mean().item(), scores.std().item()
+    out = normalize(scores, mu, sigma)
+    close(out.mean(), 0.0, atol=1e-9)
+    close(out.std(), 1.0, atol=1e-9)
+    close(normalize(torch.tensor([3.0, -1.0]), 1.0, 2.0), torch.tensor([1.0, -1.0]))

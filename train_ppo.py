@@ -1,0 +1,445 @@
+"""
+Stage 3: RLHF with PPO. The policy (initialised from the SFT model) maximises the reward model's score minus a
+KL penalty to the frozen SFT model (InstructGPT eq. 2), with GAE, the clipped surrogate (or the KL-penalty
+variant), a separate critic initialised from the reward model, an adaptive KL coefficient and PPO-ptx.
+
+One iteration, in paper order (the numbered comments below):
+  1. rollout: left-padded prompts, KV-cached pure sampling at temperature T from the current policy
+  2. log-probs (logits / T) of the policy and of the frozen reference, values from the critic
+  3. the frozen reward model scores prompt + truncated response, normalised with its stored μ, σ
+  4. KL-shaped per-token rewards;  5. GAE and advantage whitening
+  6. ppo_epochs × num_minibatches updates;  7. PPO-ptx;  8. adapt β;  9. log
+
+Reads --init_from (SFT checkpoint), --reward_model (RM checkpoint), prompts (--prompts, or the built-in task's).
+Writes <out_dir>/ckpt.pt (policy, critic, optimizers, KL controller, RNG; atomic), log.jsonl, evals.jsonl,
+summary.json.
+
+  python train_ppo.py                                    # built-in task, after train_sft.py and train_rm.py
+  python train_ppo.py --kl_coef=0.02 --target_kl=0       # a fixed β
+"""
+
+import argparse
+import gc
+import math
+import os
+import random
+import time
+
+import torch
+
+import common as C
+import ppo
+import reward
+from model import GPT, GPTConfig, GPTScalar, left_pad, logprobs_from_logits
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--init_from", default="out/sft/ckpt.pt", help="SFT checkpoint: the initial policy and the frozen reference")
+    a("--reward_model", default="out/rm/ckpt.pt", help="reward-model checkpoint (also initialises the critic)")
+    a("--prompts", default="", help="PPO prompts JSONL ({'prompt'} or {'messages'}); empty = the built-in task's")
+    a("--eval_prompts", default="", help="held-out prompts JSONL; empty = the built-in task's held-out prompts")
+    a("--ptx_data", default="", help="PPO-ptx text: SFT-format JSONL; empty = the built-in task's SFT data")
+    a("--out_dir", default="out/ppo")
+    # the RL problem
+    a("--kl_coef", type=float, default=0.05, help="β: weight of the per-token KL penalty to the SFT model (initial "
+                                                 "value when adaptive)")
+    a("--target_kl", type=float, default=4.0, help="KL_target in nats per response for the adaptive controller "
+                                                  "(Ziegler et al.); 0 = keep β fixed")
+    a("--kl_horizon", type=int, default=1000, help="controller horizon in episodes (Ziegler: 10000 for long runs)")
+    a("--missing_eos_penalty", type=float, default=-1.0, help="normalised score of a response without EOS")
+    a("--whiten_rewards", type=int, default=0, help="1: whiten the rewards (keeping their mean) before GAE")
+    a("--gamma", type=float, default=1.0, help="γ: discount")
+    a("--lam", type=float, default=0.95, help="λ: GAE parameter")
+    # PPO
+    a("--policy_loss", default="clip", choices=["clip", "penalty"], help="clipped surrogate, or PPO's KL penalty")
+    a("--cliprange", type=float, default=0.2, help="ε of the clipped surrogate")
+    a("--penalty_beta", type=float, default=0.1, help="initial β of the PPO-penalty objective (halved/doubled)")
+    a("--penalty_target", type=float, default=0.01, help="d_targ: KL(π_old‖π_θ) the PPO-penalty β aims for")
+    a("--cliprange_value", type=float, default=0.2, help="ε_v of the clipped value loss")
+    a("--vf_coef", type=float, default=0.1, help="weight of the value loss")
+    a("--ppo_epochs", type=int, default=4, help="passes over each rollout batch")
+    a("--num_minibatches", type=int, default=4, help="minibatches per pass")
+    a("--batch_size", type=int, default=64, help="prompts (episodes) per rollout")
+    a("--iters", type=int, default=120, help="PPO iterations (rollout + update)")
+    a("--learning_rate", type=float, default=2e-4, help="policy learning rate, annealed linearly to 0")
+    a("--critic_learning_rate", type=float, default=5e-4, help="critic learning rate, annealed linearly to 0")
+    a("--adam_eps", type=float, default=1e-5, help="Adam ε (RLHF_DETAILS #30)")
+    a("--grad_clip", type=float, default=1.0)
+    a("--ptx_coef", type=float, default=0.0, help="PPO-ptx γ: weight of the LM loss on --ptx_data (0 = plain PPO)")
+    a("--ptx_batch_size", type=int, default=16, help="PPO-ptx sequences per minibatch")
+    # sampling
+    a("--response_length", type=int, default=64, help="max new tokens per response")
+    a("--temperature", type=float, default=0.7, help="T: rollouts sample softmax(logits/T); every log-prob uses T")
+    # evaluation and logging
+    a("--eval_interval", type=int, default=20, help="iterations between held-out evaluations (and checkpoints)")
+    a("--n_eval_prompts", type=int, default=256)
+    a("--n_show", type=int, default=2, help="samples printed at each eval")
+    # system
+    a("--device", default="auto")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 autocast on CUDA")
+    a("--compile", type=int, default=0)
+    a("--threads", type=int, default=0)
+    a("--seed", type=int, default=1337)
+    a("--resume", type=int, default=0, help="1: continue the run in --out_dir from its checkpoint")
+    a("--stop_after", type=int, default=0, help="stop after this many iterations of this session (simulates a kill)")
+    args = p.parse_args(argv)
+    if args.batch_size % args.num_minibatches:
+        C.fail(f"--batch_size={args.batch_size} is not divisible by --num_minibatches={args.num_minibatches}")
+    if args.temperature <= 0:
+        C.fail("--temperature must be > 0: PPO needs the sampler's own probabilities")
+    for flag in ("prompts", "eval_prompts", "ptx_data"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            C.fail(f"--{flag}={path}: no such file")
+    if args.iters < 1 or args.ppo_epochs < 1:
+        C.fail("--iters and --ppo_epochs must be ≥ 1")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the four networks
+
+
+def load_models(args, device):
+    """Policy and frozen reference from the SFT checkpoint; frozen reward model and the critic from the RM one."""
+    from tokenizer import Tokenizer
+    sft = C.load_checkpoint(args.init_from, "--init_from SFT checkpoint")
+    rm_ckpt = C.load_checkpoint(args.reward_model, "--reward_model checkpoint")
+    if sft.get("tokenizer") != rm_ckpt.get("tokenizer"):
+        C.fail(f"{args.init_from} and {args.reward_model} were trained with different tokenizers")
+    tok = Tokenizer.from_dict(sft["tokenizer"])
+    config = GPTConfig(**{**sft["model_args"], "dropout": 0.0})  # dropout off during RL (RLHF_DETAILS #6)
+    if args.response_length + 8 > config.block_size:
+        C.fail(f"--response_length={args.response_length} leaves no room for a prompt in block_size={config.block_size}")
+    policy = GPT(config)
+    policy.load_state_dict(sft["model"])
+    ref = GPT(config)
+    ref.load_state_dict(sft["model"])
+    rm, mu, sigma = reward.load_reward_model(rm_ckpt, device)
+    critic = GPTScalar(GPTConfig(**{**rm_ckpt["model_args"], "dropout": 0.0}))
+    critic.load_state_dict(rm_ckpt["model"])
+    with torch.no_grad():  # fold the normalisation into the critic's head: at first, V(last token) = (r − μ)/σ
+        critic.head.weight /= sigma
+        critic.head.bias.sub_(mu).div_(sigma)
+    ref.eval().requires_grad_(False)
+    if device.startswith("cuda") and args.dtype in ("auto", "bfloat16"):  # frozen nets: bf16 weights save memory
+        ref.to(torch.bfloat16)
+        rm.to(torch.bfloat16)
+    return policy.to(device).eval(), ref.to(device), critic.to(device).eval(), rm, mu, sigma, tok
+
+
+def response_logprobs(model, tokens, attn_mask, responses, response_mask, Tp, temperature, with_entropy=False):
+    """log π(y_t | s_t) of each response token, from logits / T at positions Tp−1 … Tp+Tn−2 (the off-by-one of
+    RLHF_DETAILS #5). Only response positions go through the vocabulary projection."""
+    h = model.hidden(tokens, attn_mask)                                                # (B, Tp+Tn, C)
+    logits = model.lm_head(h[:, Tp - 1:-1]).float() / temperature                      # (B, Tn, V)
+    lp = logprobs_from_logits(logits, responses.masked_fill(~response_mask, 0))        # (B, Tn)
+    return (lp, ppo.entropy_from_logits(logits)) if with_entropy else lp
+
+
+def response_values(critic, tokens, attn_mask, Tp):
+    """V(s_t) for each response token: the critic at the same positions as the log-probs."""
+    return critic(tokens, attention_mask=attn_mask)[:, Tp - 1:-1].float()             # (B, Tn)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one PPO iteration
+
+
+@torch.no_grad()
+def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen, device, dtype, stop_at_eos=True):
+    """Steps 1–5: sample, score and compute advantages for a batch of prompts (lists of token ids)."""
+    # 1. rollout: KV-cached pure sampling from softmax(logits / T) of the current policy (RLHF_DETAILS #3)
+    with C.autocast(device, dtype):
+        sample = policy.generate(prompts, args.response_length, pad_id=tok.pad_id,
+                                 eos_id=tok.eos_id if stop_at_eos else None, temperature=args.temperature,
+                                 generator=gen)
+    Tp = sample.prompt_mask.size(1)
+    responses, response_mask, has_eos = ppo.truncate_at_eos(sample.responses, tok.eos_id, tok.pad_id)  # (B, Tn)
+    tokens = torch.cat([sample.tokens[:, :Tp], responses], 1)                          # (B, Tp+Tn)
+    attn_mask = torch.cat([sample.prompt_mask.bool(), response_mask], 1)               # (B, Tp+Tn)
+
+    # 2. log-probs of the policy and of the frozen reference (same T), values from the critic
+    with C.autocast(device, dtype):
+        logprobs, entropy = response_logprobs(policy, tokens, attn_mask, responses, response_mask, Tp,
+                                              args.temperature, with_entropy=True)     # (B, Tn) each
+        ref_logprobs = response_logprobs(ref, tokens, attn_mask, responses, response_mask, Tp, args.temperature)
+        values = response_values(critic, tokens, attn_mask, Tp)                        # (B, Tn)
+
+        # 3. score: the reward model at the last real token, normalised; a response without EOS gets the penalty
+        raw = reward.score(rm, tokens, attn_mask).float()                              # (B,)
+    scores = ppo.apply_missing_eos_penalty(reward.normalize(raw, mu, sigma), has_eos, args.missing_eos_penalty)
+
+    # 4. KL-shaped per-token rewards: −β(log π − log π_ref) at every token, the score added at the last one
+    rewards = ppo.kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef)  # (B, Tn)
+    if args.whiten_rewards:
+        rewards = ppo.masked_whiten(rewards, response_mask, shift_mean=False)
+
+    # 5. GAE; returns before whitening; then the advantages are whitened over real tokens
+    advantages, returns = ppo.gae(rewards, values, response_mask, args.gamma, args.lam)  # (B, Tn) each
+    advantages = ppo.masked_whiten(advantages, response_mask)
+
+    kl = (ppo.kl_k1(logprobs, ref_logprobs) * response_mask).sum(1)                    # (B,) k1 per response
+    stats = {"objective/scores": scores.mean(), "objective/kl": kl.mean(),
+             "objective/kl_k3": (ppo.kl_k3(logprobs, ref_logprobs) * response_mask).sum(1).mean(),
+             "objective/entropy": ppo.masked_mean(entropy, response_mask),
+             "objective/rm_raw": raw.mean(), "ppo/returns/mean": ppo.masked_mean(returns, response_mask),
+             "ppo/val/mean": ppo.masked_mean(values, response_mask),
+             "response/length": response_mask.float().sum(1).mean(), "response/eos_share": has_eos.float().mean()}
+    return {"tokens": tokens, "attn_mask": attn_mask, "responses": responses, "response_mask": response_mask,
+            "Tp": Tp, "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns,
+            "stats": stats, "n_tokens": int(response_mask.sum())}
+
+
+def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, gen, penalty_beta, ptx=None):
+    """Steps 6–7: ppo_epochs × num_minibatches updates of policy and critic on one rollout batch."""
+    B, Tp = batch["tokens"].size(0), batch["Tp"]
+    mb = B // args.num_minibatches
+    stats = []
+    for epoch in range(args.ppo_epochs):
+        perm = torch.randperm(B, generator=gen)  # a fresh permutation every epoch (RLHF_DETAILS #26)
+        for m in range(args.num_minibatches):
+            idx = perm[m * mb:(m + 1) * mb].to(device)
+            tokens, attn_mask = batch["tokens"][idx], batch["attn_mask"][idx]
+            responses, mask = batch["responses"][idx], batch["response_mask"][idx]
+            old_logprobs, old_values = batch["logprobs"][idx], batch["values"][idx]
+            advantages, returns = batch["advantages"][idx], batch["returns"][idx]
+
+            # 6. the clipped surrogate (or PPO-penalty) for the policy, the clipped value loss for the critic
+            with C.autocast(device, dtype):
+                logprobs = response_logprobs(policy, tokens, attn_mask, responses, mask, Tp, args.temperature)
+                values = response_values(critic, tokens, attn_mask, Tp)
+            if args.policy_loss == "clip":
+                pg_loss, pg = ppo.policy_loss_clipped(logprobs, old_logprobs, advantages, mask, args.cliprange)
+            else:
+                pg_loss, pg = ppo.policy_loss_penalty(logprobs, old_logprobs, advantages, mask, penalty_beta)
+            vf_loss, vf = ppo.value_loss_clipped(values, old_values, returns, mask, args.cliprange_value)
+            if epoch == 0 and m == 0:
+                # the first minibatch sees the rollout's own policy: ρ ≡ 1 (RLHF_DETAILS #27). A failure here
+                # means a temperature, dropout, padding or position-id mismatch between sampling and training.
+                tol = 1e-4 if dtype == "float32" else 5e-2
+                dev, akl = pg["ratio_max_dev"].item(), pg["approxkl"].item()
+                assert dev < tol and akl < tol ** 2 and pg["clipfrac"].item() == 0, \
+                    f"first minibatch: expected ρ ≡ 1, found max|ρ−1| = {dev:.2e}, approxkl = {akl:.2e}"
+
+            # 7. PPO-ptx: γ_ptx · the language-modelling loss on pretraining/SFT text, in the same step
+            loss = pg_loss
+            if args.ptx_coef > 0:
+                x, y = ptx.batch(args.ptx_batch_size, int(torch.randint(1 << 30, (1,), generator=gen)), args.seed,
+                                 device)
+                with C.autocast(device, dtype):
+                    _, ptx_loss = policy(x, targets=y)
+                loss = loss + args.ptx_coef * ptx_loss
+            opt_policy.zero_grad(set_to_none=True)
+            opt_critic.zero_grad(set_to_none=True)
+            (loss + args.vf_coef * vf_loss).backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+            opt_policy.step()
+            opt_critic.step()
+            row = {"ppo/policy/approxkl": pg["approxkl"], "ppo/policy/clipfrac": pg["clipfrac"],
+                   "ppo/loss/policy": pg_loss.detach(), "ppo/loss/value": vf_loss.detach(),
+                   "ppo/val/clipfrac": vf["clipfrac"],
+                   "ppo/val/var_explained": ppo.explained_variance(values.detach(), returns, mask)}
+            if args.policy_loss == "penalty":
+                row["ppo/policy/kl_old_new"] = pg["kl_old_new"]
+            if args.ptx_coef > 0:
+                row["ppo/loss/ptx"] = ptx_loss.detach()
+            stats.append(row)
+    # one sync for the whole update: means over its minibatches
+    return {k: torch.stack([s[k] for s in stats]).float().mean().item() for k in stats[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation on held-out prompts
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref, rm, mu, sigma, tok, prompts, args, device, dtype, seed, builtin, n_show=0):
+    """Proxy score (normalised RM, missing-EOS penalty), KL to the SFT model (Σ k1 per response), length, EOS share,
+    and on the built-in task the gold score, on a fixed set of held-out prompts with a fixed sampling seed."""
+    from tokenizer import render_prompt
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rows = {"score": [], "kl": [], "length": [], "eos": [], "texts": []}
+    for s in range(0, len(prompts), 128):
+        chunk = [render_prompt(tok, m, max_tokens=policy.config.block_size - args.response_length)
+                 for m in prompts[s:s + 128]]
+        with C.autocast(device, dtype):
+            sample = policy.generate(chunk, args.response_length, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                                     temperature=args.temperature, generator=gen)
+        Tp = sample.prompt_mask.size(1)
+        responses, mask, has_eos = ppo.truncate_at_eos(sample.responses, tok.eos_id, tok.pad_id)
+        tokens = torch.cat([sample.tokens[:, :Tp], responses], 1)
+        attn = torch.cat([sample.prompt_mask.bool(), mask], 1)
+        with C.autocast(device, dtype):
+            lp = response_logprobs(policy, tokens, attn, responses, mask, Tp, args.temperature)
+            ref_lp = response_logprobs(ref, tokens, attn, responses, mask, Tp, args.temperature)
+            raw = reward.score(rm, tokens, attn).float()
+        rows["score"] += ppo.apply_missing_eos_penalty(reward.normalize(raw, mu, sigma), has_eos,
+                                                       args.missing_eos_penalty).tolist()
+        rows["kl"] += (ppo.kl_k1(lp, ref_lp) * mask).sum(1).tolist()
+        rows["length"] += mask.sum(1).tolist()
+        rows["eos"] += has_eos.tolist()
+        rows["texts"] += [C.decode_response(tok, r, m) for r, m in zip(responses.cpu(), mask.cpu())]
+    n = len(rows["score"])
+    out = {"score": sum(rows["score"]) / n, "kl": sum(rows["kl"]) / n, "length": sum(rows["length"]) / n,
+           "eos_share": sum(rows["eos"]) / n}
+    if builtin:
+        rep = C.gold_report([m[-1]["content"] for m in prompts], rows["texts"])
+        out.update(gold=rep["gold_mean"], gold_std=rep["gold_std"], well_formed=rep["well_formed"])
+    for m, (text, eos) in list(zip(prompts, rows["texts"]))[:n_show]:
+        print(f"  > {m[-1]['content']}\n  < {text}{' <EOS>' if eos else ' <no EOS>'}")
+    out["samples"] = [{"prompt": m[-1]["content"], "response": t, "eos": e} for m, (t, e) in zip(prompts, rows["texts"])]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    from data.formats import DataError, load_prompts, load_sft
+    from tokenizer import render_prompt
+    args = get_args(argv)
+    device = C.get_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    C.setup_torch(device, args.seed, args.threads)
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    t_start = time.time()
+
+    policy, ref, critic, rm, mu, sigma, tok = load_models(args, device)
+    builtin = not args.prompts
+    try:
+        paths = C.prepare_builtin(quiet=True) if builtin or not args.eval_prompts else None
+        train_prompts = load_prompts(args.prompts or paths["prompts_train"])
+        eval_prompts = load_prompts(args.eval_prompts or paths["prompts_val"])[:args.n_eval_prompts]
+        ptx = None
+        if args.ptx_coef > 0:
+            from train_sft import ChatData
+            ptx_path = args.ptx_data or C.prepare_builtin(quiet=True)["sft_train"]
+            ptx = ChatData(load_sft(ptx_path), tok, policy.config.block_size, ptx_path)
+    except DataError as e:
+        C.fail(str(e))
+    max_prompt = policy.config.block_size - args.response_length
+    train_prompts = [render_prompt(tok, m, max_tokens=max_prompt) for m in train_prompts]
+    print(f"policy {policy.get_num_params() / 1e6:.2f}M params; {len(train_prompts)} train prompts, "
+          f"{len(eval_prompts)} held-out; reward normalisation μ={mu:.3f} σ={sigma:.3f}")
+
+    opt_policy = policy.configure_optimizers(0.0, args.learning_rate, (0.9, 0.999), args.adam_eps, device.split(":")[0])
+    opt_critic = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate, eps=args.adam_eps,
+                                   weight_decay=0.0)
+    kl_ctl = (ppo.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl > 0
+              else ppo.FixedKLController(args.kl_coef))
+    penalty_beta = args.penalty_beta
+    gen = torch.Generator(device=device).manual_seed(args.seed)   # sampling
+    cpu_gen = torch.Generator().manual_seed(args.seed + 1)        # prompt order, minibatch permutations
+    start_it, before, evals = 0, None, []
+    log = None
+    if args.resume:
+        ck = C.load_checkpoint(ckpt_path, "--resume checkpoint")
+        policy.load_state_dict(ck["policy"])
+        critic.load_state_dict(ck["critic"])
+        opt_policy.load_state_dict(ck["opt_policy"])
+        opt_critic.load_state_dict(ck["opt_critic"])
+        kl_ctl.load_state_dict(ck["kl_ctl"])
+        penalty_beta = ck["penalty_beta"]
+        C.set_rng_state(ck["rng"], gen, cpu_gen)
+        start_it, before, evals = ck["iter"], ck["before"], ck["evals"]
+        print(f"resuming {ckpt_path} at iteration {start_it}")
+    log = C.RunLog(args.out_dir, resume_step=start_it if args.resume else None)
+
+    def save(it):
+        C.save_checkpoint(ckpt_path, {
+            "stage": "ppo", "policy": policy.state_dict(), "critic": critic.state_dict(),
+            "model_args": C.model_args(policy), "opt_policy": opt_policy.state_dict(),
+            "opt_critic": opt_critic.state_dict(), "kl_ctl": kl_ctl.state_dict(), "penalty_beta": penalty_beta,
+            "iter": it, "before": before, "evals": evals, "args": vars(args), "tokenizer": tok.to_dict(),
+            "rng": C.rng_state(gen, cpu_gen), "mu": mu, "sigma": sigma})
+
+    def run_eval(it):
+        ev = evaluate_policy(policy, ref, rm, mu, sigma, tok, eval_prompts, args, device, dtype, args.seed + 2,
+                             builtin, n_show=args.n_show)
+        row = {"iter": it, "kl_coef": kl_ctl.value, **{k: v for k, v in ev.items() if k != "samples"}}
+        evals.append(row)
+        C.write_json(os.path.join(args.out_dir, "evals.json"), evals)
+        print(f"eval iter {it} | " + " | ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iter"), flush=True)
+        return ev
+
+    if before is None:
+        before = {k: v for k, v in run_eval(0).items() if k != "samples"}
+    gc.collect()
+    gc.freeze()  # the models and data are long-lived: keep the garbage collector from rescanning them each pause
+
+    def lr_frac(it):  # linear annealing to 0 over the run (RLHF_DETAILS #30)
+        return 1.0 - it / args.iters
+
+    t_rollout = t_update = 0.0
+    t_loop, done_here = time.time(), 0
+    for it in range(start_it, args.iters):
+        for group in opt_policy.param_groups:
+            group["lr"] = args.learning_rate * lr_frac(it)
+        for group in opt_critic.param_groups:
+            group["lr"] = args.critic_learning_rate * lr_frac(it)
+        t0 = time.time()
+        pick = torch.randint(len(train_prompts), (args.batch_size,), generator=cpu_gen).tolist()
+        batch = rollout(policy, ref, critic, rm, mu, sigma, tok, [train_prompts[i] for i in pick], args,
+                        kl_ctl.value, gen, device, dtype)
+        t1 = time.time()
+        upd = update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, cpu_gen, penalty_beta, ptx)
+        t2 = time.time()
+        t_rollout, t_update = t_rollout + t1 - t0, t_update + t2 - t1
+        stats = {k: v.item() for k, v in batch["stats"].items()}
+        C.check_finite(upd["ppo/loss/policy"] + upd["ppo/loss/value"], "PPO loss", it, ckpt_path)
+
+        # 8. adapt β toward the target KL (or keep it fixed); the PPO-penalty variant adapts its own β too
+        kl_coef_used = kl_ctl.value
+        kl_ctl.update(stats["objective/kl"], args.batch_size)
+        if args.policy_loss == "penalty":
+            penalty_beta = ppo.update_penalty_beta(penalty_beta, upd["ppo/policy/kl_old_new"], args.penalty_target)
+
+        # 9. log
+        done_here += 1
+        row = {"step": it, **stats, **upd, "objective/kl_coef": kl_coef_used, "time/rollout": t1 - t0,
+               "time/update": t2 - t1, "tokens_per_s": batch["n_tokens"] / (t2 - t0)}
+        log.log(row, f"ppo iter {it}/{args.iters} | score {stats['objective/scores']:+.3f} | "
+                     f"kl {stats['objective/kl']:.3f} | β {kl_coef_used:.4f} | "
+                     f"ent {stats['objective/entropy']:.3f} | len {stats['response/length']:.1f} | "
+                     f"eos {stats['response/eos_share']:.2f} | approxkl {upd['ppo/policy/approxkl']:.4f} | "
+                     f"clipfrac {upd['ppo/policy/clipfrac']:.3f} | vexp {upd['ppo/val/var_explained']:.2f} | "
+                     f"{t1 - t0:.2f}s+{t2 - t1:.2f}s | eta {C.eta(t_loop, done_here, args.iters - start_it)}")
+        if (it + 1) % args.eval_interval == 0 and it + 1 < args.iters:
+            run_eval(it + 1)
+            save(it + 1)
+        if args.stop_after and done_here >= args.stop_after and it + 1 < args.iters:
+            save(it + 1)
+            print(f"stopping after {done_here} iterations (--stop_after); continue with --resume=1")
+            return
+    after = run_eval(args.iters)
+    save(args.iters)
+    C.write_json(os.path.join(args.out_dir, "samples.json"), after["samples"])
+    kls = [r for r in _read_log(log.path)]
+    last_fifth = kls[-max(1, len(kls) // 5):]
+    summary = {"seconds": time.time() - t_start, "rollout_seconds": t_rollout, "update_seconds": t_update,
+               "iters": args.iters, "score_before": before["score"], "score_after": after["score"],
+               "kl_final": after["kl"], "target_kl": args.target_kl if args.target_kl > 0 else None,
+               "kl_last_fifth": sum(r["objective/kl"] for r in last_fifth) / len(last_fifth),
+               "kl_coef_final": kl_ctl.value, "length_before": before["length"], "length_after": after["length"],
+               "eos_share_before": before["eos_share"], "eos_share_after": after["eos_share"]}
+    if builtin:
+        summary.update(gold_before=before["gold"], gold_after=after["gold"], gold_std_before=before["gold_std"],
+                       gold_std_after=after["gold_std"], well_formed_before=before["well_formed"],
+                       well_formed_after=after["well_formed"])
+    C.write_json(os.path.join(args.out_dir, "summary.json"), summary)
+    print("summary: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+
+
+def _read_log(path):
+    import json
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "objective/kl" in r]
+
+
+if __name__ == "__main__":
+    main()
