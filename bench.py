@@ -3,7 +3,8 @@ Speed benchmark. Prints progress, then as its LAST line one JSON object that oth
 
   device, config, train_tokens_per_s (forward + backward + AdamW step), sample_tokens_per_s_cache and
   sample_tokens_per_s_nocache (batch 64, 64-token prompts, 128 new tokens, pure sampling with no early stop),
-  kv_cache_speedup and peak memory.
+  kv_cache_speedup, and (--ppo=1) ppo_iter_seconds, ppo_rollout_seconds, ppo_update_seconds
+  (medians at the PPO issue's fixed setting), and peak memory.
 
 Numbers are medians of repeated timings; the machines are shared and noisy, so compare runs side by side.
 
@@ -76,6 +77,50 @@ def bench_sample(model, device, batch, prompt_len, new_tokens, use_cache, repeat
     return batch * new_tokens / timed(run, device, repeat)
 
 
+def bench_ppo(device, iters, attn_impl="sdpa"):
+    """PPO iterations at the PPO issue's fixed setting, through the same rollout() and update() as train_ppo.py:
+    GPT-2 architecture 4 layers / 4 heads / n_embd 128 / vocab 512 / block 256; 64 prompts of 16 tokens; exactly
+    48 new tokens; 4 epochs x 4 minibatches; a separate critic; fp32. Random weights: the work is the same."""
+    from types import SimpleNamespace
+    import train_ppo
+    from model import GPTScalar
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=256, attn_impl=attn_impl)
+    policy, ref, critic, rm = GPT(cfg).to(device), GPT(cfg).to(device), GPTScalar(cfg).to(device), GPTScalar(cfg).to(device)
+    ref.eval().requires_grad_(False)
+    rm.eval().requires_grad_(False)
+    tok = SimpleNamespace(pad_id=511, eos_id=510)
+    args = SimpleNamespace(response_length=48, temperature=1.0, ppo_epochs=4, num_minibatches=4, cliprange=0.2,
+                           cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, whiten_rewards=0, grad_clip=1.0,
+                           policy_loss="clip", ptx_coef=0.0, missing_eos_penalty=-1.0)
+    opt_p = policy.configure_optimizers(0.0, 1e-5, (0.9, 0.999), 1e-5, device)
+    opt_c = GPT.configure_optimizers(critic, 0.0, 1e-5, (0.9, 0.999), 1e-5, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    cpu_gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, 510, (64, 16), generator=cpu_gen).tolist()
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    rollout_s, update_s = [], []
+    import gc
+    gc.collect()
+    gc.freeze()
+    for i in range(iters + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        batch = train_ppo.rollout(policy, ref, critic, rm, 0.0, 1.0, tok, prompts, args, 0.05, gen, device, dtype,
+                                  stop_at_eos=False)
+        sync(device)
+        t1 = time.perf_counter()
+        train_ppo.update(policy, critic, opt_p, opt_c, batch, args, device, dtype, cpu_gen, 0.1)
+        sync(device)
+        t2 = time.perf_counter()
+        if i > 0:  # the first iteration warms up allocators and kernels
+            rollout_s.append(t1 - t0)
+            update_s.append(t2 - t1)
+    total = [a + b for a, b in zip(rollout_s, update_s)]
+    return {"ppo_iter_seconds": round(statistics.median(total), 3),
+            "ppo_rollout_seconds": round(statistics.median(rollout_s), 3),
+            "ppo_update_seconds": round(statistics.median(update_s), 3)}
+
+
 def peak_memory_mb(device):
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -91,6 +136,9 @@ def main():
     p.add_argument("--train_batch", type=int, default=16)
     p.add_argument("--train_seq", type=int, default=256)
     p.add_argument("--model", type=int, default=1, help="1: time training and sampling")
+    p.add_argument("--ppo", type=int, default=1, help="1: time PPO iterations at the PPO issue's fixed setting")
+    p.add_argument("--attn_impl", default="sdpa", choices=["sdpa", "explicit"], help="attention path of the PPO run")
+    p.add_argument("--ppo_iters", type=int, default=5, help="timed PPO iterations (after one warm-up)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py: --device=cuda but torch.cuda.is_available() is False")
@@ -116,6 +164,10 @@ def main():
             result[key] = round(bench_sample(model, device, 64, 64, 128, use_cache, args.repeat, autocast))
             print(f"{key}: {result[key]}", file=sys.stderr)
         result["kv_cache_speedup"] = round(result["sample_tokens_per_s_cache"] / result["sample_tokens_per_s_nocache"], 2)
+    if args.ppo:
+        result.update(bench_ppo(device, args.ppo_iters, args.attn_impl))
+        print(f"ppo: {result['ppo_iter_seconds']:.2f} s/iter (rollout {result['ppo_rollout_seconds']:.2f} s, "
+              f"update {result['ppo_update_seconds']:.2f} s)", file=sys.stderr)
     result["peak_memory_mb"] = round(peak_memory_mb(device))
     print(json.dumps(result))
 

@@ -47,7 +47,7 @@ def get_args(argv=None):
                                                  "value when adaptive)")
     a("--target_kl", type=float, default=4.0, help="KL_target in nats per response for the adaptive controller "
                                                   "(Ziegler et al.); 0 = keep β fixed")
-    a("--kl_horizon", type=int, default=1000, help="controller horizon in episodes (Ziegler: 10000 for long runs)")
+    a("--kl_horizon", type=int, default=400, help="controller horizon in episodes (Ziegler: 10000 for long runs)")
     a("--missing_eos_penalty", type=float, default=-1.0, help="normalised score of a response without EOS")
     a("--whiten_rewards", type=int, default=0, help="1: whiten the rewards (keeping their mean) before GAE")
     a("--gamma", type=float, default=1.0, help="γ: discount")
@@ -62,8 +62,8 @@ def get_args(argv=None):
     a("--ppo_epochs", type=int, default=4, help="passes over each rollout batch")
     a("--num_minibatches", type=int, default=4, help="minibatches per pass")
     a("--batch_size", type=int, default=64, help="prompts (episodes) per rollout")
-    a("--iters", type=int, default=120, help="PPO iterations (rollout + update)")
-    a("--learning_rate", type=float, default=2e-4, help="policy learning rate, annealed linearly to 0")
+    a("--iters", type=int, default=100, help="PPO iterations (rollout + update)")
+    a("--learning_rate", type=float, default=1e-4, help="policy learning rate, annealed linearly to 0")
     a("--critic_learning_rate", type=float, default=5e-4, help="critic learning rate, annealed linearly to 0")
     a("--adam_eps", type=float, default=1e-5, help="Adam ε (RLHF_DETAILS #30)")
     a("--grad_clip", type=float, default=1.0)
@@ -328,8 +328,8 @@ def main(argv=None):
           f"{len(eval_prompts)} held-out; reward normalisation μ={mu:.3f} σ={sigma:.3f}")
 
     opt_policy = policy.configure_optimizers(0.0, args.learning_rate, (0.9, 0.999), args.adam_eps, device.split(":")[0])
-    opt_critic = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate, eps=args.adam_eps,
-                                   weight_decay=0.0)
+    opt_critic = GPT.configure_optimizers(critic, 0.0, args.critic_learning_rate, (0.9, 0.999), args.adam_eps,
+                                          device.split(":")[0])
     kl_ctl = (ppo.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl > 0
               else ppo.FixedKLController(args.kl_coef))
     penalty_beta = args.penalty_beta

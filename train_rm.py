@@ -41,7 +41,7 @@ def get_args(argv=None):
     a("--init_from", default="out/sft/ckpt.pt", help="SFT checkpoint: the trunk, the tokenizer and the sampler")
     a("--out_dir", default="out/rm")
     # collection on the built-in task (InstructGPT's pipeline)
-    a("--n_prompts", type=int, default=6000, help="built-in: train prompts to collect comparisons on")
+    a("--n_prompts", type=int, default=4000, help="built-in: train prompts to collect comparisons on")
     a("--n_val_prompts", type=int, default=300, help="built-in: held-out prompts to collect comparisons on")
     a("--K", type=int, default=4, help="built-in: responses ranked per prompt (InstructGPT: 4 ≤ K ≤ 9)")
     a("--label_temperature", type=float, default=1.0, help="built-in: the noisy labeler's Plackett–Luce temperature")
