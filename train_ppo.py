@@ -11,8 +11,8 @@ One iteration, in paper order (the numbered comments below):
   6. ppo_epochs × num_minibatches updates;  7. PPO-ptx;  8. adapt β;  9. log
 
 Reads --init_from (SFT checkpoint), --reward_model (RM checkpoint), prompts (--prompts, or the built-in task's).
-Writes <out_dir>/ckpt.pt (policy, critic, optimizers, KL controller, RNG; atomic), log.jsonl, evals.jsonl,
-summary.json.
+Writes <out_dir>/ckpt.pt (policy, critic, optimizers, KL controller, RNG; atomic), log.jsonl (one line per
+iteration), evals.json (held-out evaluations), samples_before.json / samples_after.json, summary.json.
 
   python train_ppo.py                                    # built-in task, after train_sft.py and train_rm.py
   python train_ppo.py --kl_coef=0.02 --target_kl=0       # a fixed β
@@ -367,8 +367,10 @@ def main(argv=None):
         print(f"eval iter {it} | " + " | ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iter"), flush=True)
         return ev
 
-    if before is None:
-        before = {k: v for k, v in run_eval(0).items() if k != "samples"}
+    if before is None:  # the SFT policy on the held-out prompts: the "before" of every comparison
+        ev0 = run_eval(0)
+        C.write_json(os.path.join(args.out_dir, "samples_before.json"), ev0["samples"])
+        before = {k: v for k, v in ev0.items() if k != "samples"}
     gc.collect()
     gc.freeze()  # the models and data are long-lived: keep the garbage collector from rescanning them each pause
 
@@ -418,7 +420,7 @@ def main(argv=None):
             return
     after = run_eval(args.iters)
     save(args.iters)
-    C.write_json(os.path.join(args.out_dir, "samples.json"), after["samples"])
+    C.write_json(os.path.join(args.out_dir, "samples_after.json"), after["samples"])
     kls = [r for r in _read_log(log.path)]
     last_fifth = kls[-max(1, len(kls) // 5):]
     summary = {"seconds": time.time() - t_start, "rollout_seconds": t_rollout, "update_seconds": t_update,
