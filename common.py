@@ -169,8 +169,9 @@ def write_json(path, obj):
 # the built-in task
 
 
-def prepare_builtin(out_dir=BUILTIN_DIR, seed=0, quiet=False):
+def prepare_builtin(out_dir=None, seed=0, quiet=False):
     """Generate the built-in task's files and train its BPE on first use; later calls just return the paths."""
+    out_dir = out_dir or BUILTIN_DIR
     from data import minichat
     from tokenizer import Tokenizer
     paths = {k: os.path.join(out_dir, f) for k, f in [

@@ -49,6 +49,8 @@ def get_args(argv=None):
                                                   "(Ziegler et al.); 0 = keep β fixed")
     a("--kl_horizon", type=int, default=400, help="controller horizon in episodes (Ziegler: 10000 for long runs)")
     a("--missing_eos_penalty", type=float, default=-1.0, help="normalised score of a response without EOS")
+    a("--oracle", type=int, default=0, help="built-in task only, a diagnostic: 1 = optimise the gold labeler itself "
+                                           "(normalised on SFT samples) instead of the reward model")
     a("--whiten_rewards", type=int, default=0, help="1: whiten the rewards (keeping their mean) before GAE")
     a("--gamma", type=float, default=1.0, help="γ: discount")
     a("--lam", type=float, default=0.95, help="λ: GAE parameter")
@@ -149,8 +151,11 @@ def response_values(critic, tokens, attn_mask, Tp):
 
 
 @torch.no_grad()
-def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen, device, dtype, stop_at_eos=True):
-    """Steps 1–5: sample, score and compute advantages for a batch of prompts (lists of token ids)."""
+def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen, device, dtype, stop_at_eos=True,
+            oracle=None):
+    """Steps 1–5: sample, score and compute advantages for a batch of prompts (lists of token ids).
+    oracle: optional function (responses, response_mask) -> normalised scores that replaces the reward model
+    (the built-in task's gold labeler, as a diagnostic of what PPO does with a perfect reward model)."""
     # 1. rollout: KV-cached pure sampling from softmax(logits / T) of the current policy (RLHF_DETAILS #3)
     with C.autocast(device, dtype):
         sample = policy.generate(prompts, args.response_length, pad_id=tok.pad_id,
@@ -170,7 +175,8 @@ def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen
 
         # 3. score: the reward model at the last real token, normalised; a response without EOS gets the penalty
         raw = reward.score(rm, tokens, attn_mask).float()                              # (B,)
-    scores = ppo.apply_missing_eos_penalty(reward.normalize(raw, mu, sigma), has_eos, args.missing_eos_penalty)
+    normalised = reward.normalize(raw, mu, sigma) if oracle is None else oracle(responses, response_mask)
+    scores = ppo.apply_missing_eos_penalty(normalised, has_eos, args.missing_eos_penalty)  # (B,)
 
     # 4. KL-shaped per-token rewards: −β(log π − log π_ref) at every token, the score added at the last one
     rewards = ppo.kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef)  # (B, Tn)
@@ -235,8 +241,8 @@ def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, g
             opt_policy.zero_grad(set_to_none=True)
             opt_critic.zero_grad(set_to_none=True)
             (loss + args.vf_coef * vf_loss).backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip, foreach=True)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip, foreach=True)
             opt_policy.step()
             opt_critic.step()
             row = {"ppo/policy/approxkl": pg["approxkl"], "ppo/policy/clipfrac": pg["clipfrac"],
@@ -323,7 +329,10 @@ def main(argv=None):
     except DataError as e:
         C.fail(str(e))
     max_prompt = policy.config.block_size - args.response_length
+    train_requests = [m[-1]["content"] for m in train_prompts]
     train_prompts = [render_prompt(tok, m, max_tokens=max_prompt) for m in train_prompts]
+    if args.oracle and not builtin:
+        C.fail("--oracle=1 needs the built-in task (its gold labeler)")
     print(f"policy {policy.get_num_params() / 1e6:.2f}M params; {len(train_prompts)} train prompts, "
           f"{len(eval_prompts)} held-out; reward normalisation μ={mu:.3f} σ={sigma:.3f}")
 
@@ -386,8 +395,15 @@ def main(argv=None):
             group["lr"] = args.critic_learning_rate * lr_frac(it)
         t0 = time.time()
         pick = torch.randint(len(train_prompts), (args.batch_size,), generator=cpu_gen).tolist()
+        oracle = None
+        if args.oracle:  # gold of each response, normalised like the reward model: SFT samples -> mean 0, std 1
+            from data import minichat
+            requests = [train_requests[i] for i in pick]
+            oracle = lambda resp, mask: torch.tensor(  # noqa: E731
+                [(minichat.gold(q, *C.decode_response(tok, r, m)) - before["gold"]) / max(before["gold_std"], 1e-3)
+                 for q, r, m in zip(requests, resp.cpu(), mask.cpu())], device=device)
         batch = rollout(policy, ref, critic, rm, mu, sigma, tok, [train_prompts[i] for i in pick], args,
-                        kl_ctl.value, gen, device, dtype)
+                        kl_ctl.value, gen, device, dtype, oracle=oracle)
         t1 = time.time()
         upd = update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, cpu_gen, penalty_beta, ptx)
         t2 = time.time()

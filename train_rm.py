@@ -21,6 +21,7 @@ Reads --init_from (default out/sft/ckpt.pt). Writes <out_dir>/ckpt.pt, log.jsonl
 """
 
 import argparse
+import json
 import math
 import os
 import random
@@ -113,7 +114,16 @@ def builtin_comparisons(args, policy, tok, device, dtype):
     from data.formats import load_prompts, write_jsonl
     paths = C.prepare_builtin()
     out = {s: os.path.join(args.out_dir, f"comparisons_{s}.jsonl") for s in ("train", "val")}
-    if all(os.path.exists(p) for p in out.values()) and not args.recollect:
+    # what produced the files: reuse them only for the same settings and the same SFT checkpoint
+    meta = {"init_from": os.path.abspath(args.init_from), "init_mtime": os.path.getmtime(args.init_from),
+            **{k: getattr(args, k) for k in ("n_prompts", "n_val_prompts", "K", "label_temperature", "max_new_tokens",
+                                             "temperature", "seed")}}
+    meta_path = os.path.join(args.out_dir, "comparisons_meta.json")
+    old = None
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+    if all(os.path.exists(p) for p in out.values()) and not args.recollect and old == meta:
         print(f"reusing comparisons in {out['train']} and {out['val']} (--recollect=1 to collect again)")
         return out
     t0 = time.time()
@@ -123,8 +133,12 @@ def builtin_comparisons(args, policy, tok, device, dtype):
         random.Random(seed).shuffle(requests)
         rows = collect(policy, tok, requests[:n], args.K, args.label_temperature, args.max_new_tokens,
                        args.temperature, seed, device, dtype)
+        if not rows:
+            C.fail(f"no {split} comparison collected: fewer than K={args.K} of the SFT policy's samples per prompt "
+                   f"ended with EOS within --max_new_tokens={args.max_new_tokens} (train the SFT model longer?)")
         write_jsonl(out[split], rows)
         print(f"collected {len(rows)} {split} comparisons of K={args.K} in {time.time() - t0:.0f}s -> {out[split]}")
+    C.write_json(meta_path, meta)
     return out
 
 
@@ -303,7 +317,7 @@ def main(argv=None):
 
     t_loop, steps_done = time.time(), 0
     for it in range(start_iter, max_iters):
-        if it % args.eval_interval == 0 and it > start_iter:
+        if it % args.eval_interval == 0 and it > 0:  # on a resume at an eval step it is redone: same row
             ev = evaluate(rm, val, args, device, dtype, raw_val)
             log.log({"step": it, **ev}, f"eval step {it} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             save(it)

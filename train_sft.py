@@ -41,13 +41,14 @@ def get_args(argv=None):
     a("--n_layer", type=int, default=4)
     a("--n_head", type=int, default=4)
     a("--n_embd", type=int, default=128)
-    a("--block_size", type=int, default=256, help="context length in tokens")
+    a("--block_size", type=int, default=0, help="context length in tokens (0 = 256 from scratch, else the "
+                                               "checkpoint's; smaller crops the training sequences)")
     a("--dropout", type=float, default=0.0)
     a("--attn_impl", default="sdpa", choices=["sdpa", "explicit"])
     # optimisation
     a("--batch_size", type=int, default=64, help="sequences per micro-batch")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--max_iters", type=int, default=700, help="optimizer steps")
+    a("--max_iters", type=int, default=800, help="optimizer steps")
     a("--learning_rate", type=float, default=4e-3, help="peak learning rate")
     a("--min_lr", type=float, default=1e-4, help="learning rate at the end of the decay")
     a("--warmup_iters", type=int, default=50)
@@ -57,7 +58,7 @@ def get_args(argv=None):
     a("--beta2", type=float, default=0.95)
     a("--grad_clip", type=float, default=1.0, help="clip the gradient's global norm (0 = off)")
     # evaluation and logging
-    a("--eval_interval", type=int, default=350, help="steps between evaluations (and checkpoints)")
+    a("--eval_interval", type=int, default=400, help="steps between evaluations (and checkpoints)")
     a("--eval_iters", type=int, default=10, help="held-out batches per evaluation")
     a("--log_interval", type=int, default=10, help="steps between printed lines (log.jsonl gets every step)")
     a("--n_eval_prompts", type=int, default=256, help="built-in task: held-out prompts sampled at each eval")
@@ -191,7 +192,7 @@ def build_model(args, tok, device):
     if args.init_from == "scratch":
         vocab = tok.vocab_size
         vocab = (vocab + 63) // 64 * 64  # round up for efficient matmuls (nanoGPT's 50304 for GPT-2's 50257)
-        model = GPT(GPTConfig(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head,
+        model = GPT(GPTConfig(block_size=args.block_size or 256, vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head,
                               n_embd=args.n_embd, dropout=args.dropout, attn_impl=args.attn_impl))
     elif args.init_from.startswith("gpt2"):
         if tok.vocab_size - 1 > 50257 or tok.eos_id != 50256:
@@ -278,7 +279,7 @@ def main(argv=None):
     block_size = model.config.block_size
     if args.block_size > block_size:
         C.fail(f"--block_size={args.block_size} is longer than the model's block_size={block_size}")
-    block_size = min(args.block_size, block_size)
+    block_size = args.block_size or block_size
     train, val, prompts = load_data(args, tok, block_size)
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model.config}")
     print(f"data: {train.n_tokens:,} train tokens, {val.n_tokens:,} held-out tokens; tokenizer of {tok.vocab_size} ids")
@@ -303,8 +304,10 @@ def main(argv=None):
     model.train()
     t_loop, steps_done = time.time(), 0
     for it in range(start_iter, args.max_iters):
-        if it % args.eval_interval == 0 and it > start_iter:
-            log.log(evaluate(model, val, args, device, dtype, tok, prompts, it), None)
+        if it % args.eval_interval == 0 and it > 0:  # on a resume at an eval step it is redone: same row
+            ev = evaluate(model, val, args, device, dtype, tok, prompts, it)
+            C.check_finite(ev["val_loss"], "held-out loss", it, ckpt_path)
+            log.log(ev, None)
             save(it)
         lr = C.lr_at(it, args.max_iters, args.learning_rate, args.min_lr, args.warmup_iters, args.decay)
         for group in optimizer.param_groups:

@@ -1,0 +1,513 @@
+"""Tests for the three training scripts as a user runs them: a chained smoke run of train_sft.py -> train_rm.py ->
+train_ppo.py as subprocesses with tiny flags (exit 0, the summary.json / log.jsonl / checkpoint contracts), resume
+after a simulated kill equal to an uninterrupted run (bit for bit, CPU), the NaN guard, clear messages with exit
+status 2 for bad flags and bad data, and in-process invariants of PPO: the frozen reference never moves, ptx_coef=0
+is plain PPO, nothing after EOS carries an advantage or a return.
+
+CPU only, one thread per run, about 25 s in all. The built-in task's data is generated on first use into
+data/minichat/ (gitignored, deterministic).
+
+    python -m pytest -q tests/test_scripts.py
+"""
+import contextlib
+import gc
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common as C
+import train_ppo
+import train_rm
+import train_sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The smoke chain's SFT stage trains long enough (300 tiny steps, ~2 s) that its samples end with EOS: the built-in
+# comparison collection keeps only responses that ended, so a 6-step SFT model yields "no comparisons" and RM stops.
+SFT_TINY = ["--batch_size=8", "--n_layer=1", "--n_head=2", "--n_embd=32", "--eval_iters=2", "--n_eval_prompts=8",
+            "--n_show=0", "--threads=1"]
+SFT_CHAIN = SFT_TINY + ["--max_iters=300", "--eval_interval=150", "--learning_rate=1e-2", "--warmup_iters=5",
+                        "--log_interval=100"]
+RM_CHAIN = ["--n_prompts=24", "--n_val_prompts=8", "--K=3", "--batch_size=4", "--n_norm=16", "--eval_interval=3",
+            "--threads=1"]
+PPO_CHAIN = ["--iters=3", "--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--response_length=16",
+             "--n_eval_prompts=8", "--eval_interval=2", "--n_show=0", "--threads=1"]
+
+PPO_LOG_KEYS = ["objective/kl", "objective/scores", "objective/kl_coef", "objective/entropy", "ppo/policy/approxkl",
+                "ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/val/var_explained", "ppo/returns/mean"]
+TIMING_KEYS = {"ms", "time/rollout", "time/update", "tokens_per_s"}  # wall-clock figures: never reproducible
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs on one thread too: tiny tensors on a shared 2-core machine are 10x slower with 2."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_script(script, *flags):
+    """`python <script> flags...` from the repo root; returns the CompletedProcess (text stdout/stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def run_main(module, argv):
+    """module.main(argv) in this process -> (exit code, stdout, stderr). C.fail's sys.exit(2) becomes the code;
+    any other exception propagates (a traceback is a failure). Torch's thread count and the garbage collector
+    are put back as they were (main may set the first, train_ppo freezes the second)."""
+    threads = torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main(argv)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+        gc.unfreeze()
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def step_rows(path):
+    """The per-step rows of a run's log.jsonl (not the eval rows), timing figures dropped, in file order."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_jsonl(path)
+            if "loss" in r or "objective/scores" in r]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. the chained smoke run: SFT -> RM -> PPO as subprocesses, once per module
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chain")
+    sft, rm, ppo_dir = str(d / "sft"), str(d / "rm"), str(d / "ppo")
+    procs = {"sft": ok(run_script("train_sft.py", *SFT_CHAIN, f"--out_dir={sft}"))}
+    procs["rm"] = ok(run_script("train_rm.py", f"--init_from={sft}/ckpt.pt", *RM_CHAIN, f"--out_dir={rm}"))
+    procs["ppo"] = ok(run_script("train_ppo.py", f"--init_from={sft}/ckpt.pt", f"--reward_model={rm}/ckpt.pt",
+                                 *PPO_CHAIN, f"--out_dir={ppo_dir}"))
+    return {"dir": d, "sft": sft, "rm": rm, "ppo": ppo_dir, "sft_ckpt": f"{sft}/ckpt.pt", "rm_ckpt": f"{rm}/ckpt.pt",
+            "procs": procs}
+
+
+def test_sft_smoke_contract(chain):
+    s = read_json(os.path.join(chain["sft"], "summary.json"))
+    for k in ("val_loss", "seconds", "gold_mean", "gold_std", "well_formed"):
+        assert k in s and finite(s[k]), f"summary.json: {k} missing or not finite in {s}"
+    assert 0.0 <= s["well_formed"] <= 1.0, s
+    assert s["gold_std"] >= 0 and s["seconds"] > 0, s
+    # 300 tiny steps learn something: well below the uniform loss ln(1024) = 6.93
+    assert s["val_loss"] < math.log(C.BUILTIN_VOCAB) - 2, f"val_loss {s['val_loss']} barely below uniform"
+    rows = read_jsonl(os.path.join(chain["sft"], "log.jsonl"))
+    assert [r["step"] for r in rows if "loss" in r] == list(range(300))
+    assert [r["step"] for r in rows if "val_loss" in r] == [150, 300]
+    ck = torch.load(chain["sft_ckpt"], map_location="cpu", weights_only=False)
+    assert ck["stage"] == "sft" and ck["iter"] == 300 and ck["model_args"]["n_embd"] == 32
+    assert "summary: val_loss" in chain["procs"]["sft"].stdout
+
+
+def test_rm_smoke_contract(chain):
+    from data.formats import load_preferences
+    s = read_json(os.path.join(chain["rm"], "summary.json"))
+    for k in ("val_accuracy", "seconds", "reward_mean", "reward_std", "val_accuracy_gold", "labeler_agreement"):
+        assert k in s and finite(s[k]), f"summary.json: {k} missing or not finite in {s}"
+    for k in ("val_accuracy", "val_accuracy_gold", "labeler_agreement"):
+        assert 0.0 <= s[k] <= 1.0, (k, s[k])
+    assert s["reward_std"] > 0, s
+    for split, n_prompts in (("train", 24), ("val", 8)):
+        path = os.path.join(chain["rm"], f"comparisons_{split}.jsonl")
+        items = load_preferences(path)
+        assert 0 < len(items) <= n_prompts, f"{path}: {len(items)} comparisons"
+        for it in items:
+            assert len(it["responses"]) == 3 and it["prompt"][-1]["role"] == "user", it
+        raw = read_jsonl(path)
+        assert all(sorted(r["ranking"]) == [0, 1, 2] for r in raw)
+    ck = torch.load(chain["rm_ckpt"], map_location="cpu", weights_only=False)
+    assert ck["stage"] == "rm" and "head.weight" in ck["model"]
+    assert ck["mu"] == s["reward_mean"] and ck["sigma"] == s["reward_std"], (ck["mu"], ck["sigma"], s)
+    assert ck["iter"] == s["iters"] == 6  # one epoch of 24 prompts at 4 per step
+
+
+def test_ppo_smoke_contract(chain):
+    s = read_json(os.path.join(chain["ppo"], "summary.json"))
+    for k in ("seconds", "rollout_seconds", "update_seconds", "score_before", "score_after", "kl_final",
+              "target_kl", "gold_before", "gold_after", "gold_std_before"):
+        assert k in s and finite(s[k]), f"summary.json: {k} missing or not finite in {s}"
+    assert s["target_kl"] == 4.0 and s["iters"] == 3
+    assert 0 < s["rollout_seconds"] + s["update_seconds"] < s["seconds"], s
+    rows = read_jsonl(os.path.join(chain["ppo"], "log.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        for k in PPO_LOG_KEYS:
+            assert k in r and finite(r[k]), f"log.jsonl step {r['step']}: {k} missing or not finite"
+        assert 0.0 <= r["ppo/policy/clipfrac"] <= 1.0 and 0.0 <= r["ppo/val/clipfrac"] <= 1.0, r
+        assert r["objective/entropy"] > 0 and r["objective/kl_coef"] > 0, r
+    assert rows[0]["objective/kl"] == 0.0  # the first rollout's policy is the reference itself
+    evals = read_json(os.path.join(chain["ppo"], "evals.json"))
+    assert [e["iter"] for e in evals] == [0, 2, 3]
+    assert evals[0]["score"] == s["score_before"] and evals[-1]["score"] == s["score_after"]
+    ck = torch.load(os.path.join(chain["ppo"], "ckpt.pt"), map_location="cpu", weights_only=False)
+    rm_ck = torch.load(chain["rm_ckpt"], map_location="cpu", weights_only=False)
+    assert ck["stage"] == "ppo" and ck["iter"] == 3
+    assert (ck["mu"], ck["sigma"]) == (rm_ck["mu"], rm_ck["sigma"])
+    for name in ("samples_before.json", "samples_after.json"):
+        samples = read_json(os.path.join(chain["ppo"], name))
+        assert len(samples) == 8 and all({"prompt", "response", "eos"} <= set(x) for x in samples), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. resume after a kill equals the uninterrupted run, bit for bit (CPU, same seed)
+
+
+def check_resume(module, flags, tmp_path, n_steps, stop_after):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_main(module, flags + [f"--out_dir={a}"])[0] == 0
+    code, out, err = run_main(module, flags + [f"--out_dir={b}", f"--stop_after={stop_after}"])
+    assert code == 0, err
+    assert "--stop_after" in out and not os.path.exists(os.path.join(b, "summary.json"))
+    assert len(step_rows(os.path.join(b, "log.jsonl"))) == stop_after  # it really stopped early
+    code, out, err = run_main(module, flags + [f"--out_dir={b}", "--resume=1"])
+    assert code == 0, err
+    assert f"resuming {os.path.join(b, 'ckpt.pt')}" in out
+    rows_a, rows_b = step_rows(os.path.join(a, "log.jsonl")), step_rows(os.path.join(b, "log.jsonl"))
+    assert [r["step"] for r in rows_a] == list(range(n_steps))
+    assert [r["step"] for r in rows_b] == list(range(n_steps)), "the resumed log lost or repeated steps"
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra == rb, f"step {ra['step']}: uninterrupted {ra} != resumed {rb}"
+    return a, b
+
+
+def test_sft_resume_equals_uninterrupted(tmp_path):
+    flags = SFT_TINY + ["--max_iters=8", "--eval_interval=4", "--n_eval_prompts=4", "--max_new_tokens=16"]
+    a, b = check_resume(train_sft, flags, tmp_path, n_steps=8, stop_after=3)
+    losses = [r["loss"] for r in step_rows(os.path.join(a, "log.jsonl"))]
+    assert len(set(losses)) == 8  # the steps differ, so equal lists are not a coincidence
+    ev_a = [r for r in read_jsonl(os.path.join(a, "log.jsonl")) if "val_loss" in r]
+    ev_b = [r for r in read_jsonl(os.path.join(b, "log.jsonl")) if "val_loss" in r]
+    assert ev_a == ev_b and [r["step"] for r in ev_a] == [4, 8]
+    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["model"] for d in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), "final weights differ after resume"
+
+
+def test_rm_resume_equals_uninterrupted(chain, tmp_path):
+    # --data/--val_data: the fixture's comparisons (so no gold eval); 3 epochs of 24 prompts / 4 = 18 steps with a
+    # new order at steps 6 and 12. The kill at step 8 falls after the first reshuffle, so the resumed run must
+    # restore the shuffling generator's state, not just reseed it.
+    flags = [f"--init_from={chain['sft_ckpt']}", f"--data={chain['rm']}/comparisons_train.jsonl",
+             f"--val_data={chain['rm']}/comparisons_val.jsonl", "--batch_size=4", "--epochs=3", "--eval_interval=4",
+             "--n_norm=0", "--threads=1"]
+    n_train = len(read_jsonl(f"{chain['rm']}/comparisons_train.jsonl"))
+    assert n_train == 24, f"the fixture collected {n_train} comparisons, this test assumes 24 (6 steps an epoch)"
+    a, b = check_resume(train_rm, flags, tmp_path, n_steps=18, stop_after=8)
+    assert len({r["loss"] for r in step_rows(os.path.join(a, "log.jsonl"))}) == 18
+    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["model"] for d in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), "final weights differ after resume"
+
+
+def test_ppo_resume_equals_uninterrupted(chain, tmp_path):
+    flags = [f"--init_from={chain['sft_ckpt']}", f"--reward_model={chain['rm_ckpt']}", "--iters=4", "--batch_size=8",
+             "--num_minibatches=2", "--ppo_epochs=2", "--response_length=16", "--n_eval_prompts=4",
+             "--eval_interval=2", "--n_show=0", "--threads=1"]
+    a, b = check_resume(train_ppo, flags, tmp_path, n_steps=4, stop_after=2)  # the kill lands on the eval at 2
+    ev_a, ev_b = (read_json(os.path.join(d, "evals.json")) for d in (a, b))
+    assert [e["iter"] for e in ev_a] == [0, 2, 4] and ev_a == ev_b
+    rows = step_rows(os.path.join(a, "log.jsonl"))
+    assert len({r["ppo/loss/policy"] for r in rows}) == 4 and len({r["objective/scores"] for r in rows}) > 1
+    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False) for d in (a, b))
+    for net in ("policy", "critic"):
+        assert all(torch.equal(sa[net][k], sb[net][k]) for k in sa[net]), f"final {net} differs after resume"
+    assert read_json(os.path.join(a, "summary.json"))["score_after"] == read_json(os.path.join(b, "summary.json"))["score_after"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. the NaN guard: a clear stop, not a traceback and not a run that trains on garbage
+
+
+def test_nan_guard_sft_subprocess(tmp_path):
+    out = str(tmp_path / "nan")
+    p = run_script("train_sft.py", *SFT_TINY, "--max_iters=20", "--eval_interval=1000", "--learning_rate=1e6",
+                   "--warmup_iters=1", f"--out_dir={out}")
+    assert p.returncode != 0, "a learning rate of 1e6 trained to the end without a NaN stop"
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    assert "nan" in p.stderr.lower() or "inf" in p.stderr.lower(), p.stderr
+    assert "training loss" in p.stderr and "lower learning rate" in p.stderr, p.stderr
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+
+
+def test_nan_guard_ppo(chain, tmp_path):
+    code, out, err = run_main(train_ppo, [
+        f"--init_from={chain['sft_ckpt']}", f"--reward_model={chain['rm_ckpt']}", "--iters=4", "--batch_size=8",
+        "--num_minibatches=2", "--ppo_epochs=2", "--response_length=16", "--n_eval_prompts=4", "--n_show=0",
+        "--learning_rate=1e6", "--critic_learning_rate=1e6", "--threads=1", f"--out_dir={tmp_path / 'nan'}"])
+    assert code == 2, f"exit {code}\n{err}"
+    assert "PPO loss is nan" in err or "PPO loss is inf" in err, err
+
+
+def test_nan_guard_rm(chain, tmp_path):
+    code, out, err = run_main(train_rm, [
+        f"--init_from={chain['sft_ckpt']}", f"--data={chain['rm']}/comparisons_train.jsonl",
+        f"--val_data={chain['rm']}/comparisons_val.jsonl", "--batch_size=4", "--epochs=3", "--learning_rate=1e6",
+        "--warmup_iters=1", "--n_norm=0", "--threads=1", f"--out_dir={tmp_path / 'nan'}"])
+    assert code == 2, f"exit {code}\n{err}"
+    assert "reward-model loss is nan" in err or "reward-model loss is inf" in err, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. bad flags and bad data: exit status 2 and one clear line, never a stack trace
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    good = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."}
+    files = {"csv": d / "data.csv", "bad_json": d / "bad_json.jsonl", "bad_pref": d / "bad_pref.jsonl",
+             "bad_sft": d / "bad_sft.jsonl"}
+    files["csv"].write_text("prompt,response\nhi,hello\n")
+    files["bad_json"].write_text(json.dumps(good) + "\n" + '{"prompt": "Name a colour.", "chosen": \n')
+    files["bad_pref"].write_text(json.dumps(good) + "\n\n" + json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n")
+    files["bad_sft"].write_text(json.dumps({"prompt": "Hi", "response": "Hello."}) + "\n" +
+                                json.dumps({"messages": [{"role": "assistant", "content": "Hi"}]}) + "\n")
+    return {k: str(v) for k, v in files.items()}
+
+
+BAD_CASES = [
+    # (id, script, flags, substrings the message must contain); {sft}, {rm}, {name} are filled in below
+    ("missing_data", "sft", ["--data=/nonexistent/train.jsonl"], ["--data=/nonexistent/train.jsonl", "no such file"]),
+    ("wrong_extension", "sft", ["--data={csv}"], ["{csv}", ".jsonl"]),
+    ("rm_csv_data", "rm", ["--init_from={sft}", "--data={csv}"], ["{csv}:1:", "bad JSON"]),
+    ("not_divisible", "ppo", ["--init_from={sft}", "--reward_model={rm}", "--batch_size=6", "--num_minibatches=4"],
+     ["--batch_size=6", "--num_minibatches=4"]),
+    ("missing_init_rm", "rm", ["--init_from=/nonexistent/ckpt.pt"], ["/nonexistent/ckpt.pt", "does not exist"]),
+    ("missing_init_ppo", "ppo", ["--init_from=/nonexistent/ckpt.pt", "--reward_model={rm}"],
+     ["/nonexistent/ckpt.pt", "does not exist"]),
+    ("missing_reward_model", "ppo", ["--init_from={sft}", "--reward_model=/nonexistent/rm.pt"],
+     ["/nonexistent/rm.pt", "does not exist"]),
+    ("missing_init_sft", "sft", ["--init_from=/nonexistent/ckpt.pt"], ["/nonexistent/ckpt.pt", "does not exist"]),
+    ("block_size_too_long", "sft", ["--init_from={sft}", "--block_size=512"], ["--block_size=512", "256"]),
+    ("rm_bad_json_line", "rm", ["--init_from={sft}", "--data={bad_json}"], ["{bad_json}:2:", "bad JSON"]),
+    ("rm_bad_record_line", "rm", ["--init_from={sft}", "--data={bad_pref}"], ["{bad_pref}:3:", "rejected"]),
+    ("sft_bad_record_line", "sft", ["--init_from={sft}", "--data={bad_sft}"], ["{bad_sft}:2:"]),
+    ("K_1", "rm", ["--init_from={sft}", "--K=1"], ["--K=1", "at least 2"]),
+    ("response_length_too_long", "ppo", ["--init_from={sft}", "--reward_model={rm}", "--response_length=250"],
+     ["--response_length=250", "block_size=256"]),
+]
+MODULES = {"sft": train_sft, "rm": train_rm, "ppo": train_ppo}
+
+
+@pytest.mark.parametrize("name,script,flags,expect", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_flags_and_data_fail_clearly(chain, bad_files, tmp_path, name, script, flags, expect):
+    fill = {"sft": chain["sft_ckpt"], "rm": chain["rm_ckpt"], **bad_files}
+    argv = [f.format(**fill) for f in flags] + ["--threads=1", f"--out_dir={tmp_path / 'out'}"]
+    code, out, err = run_main(MODULES[script], argv)  # any exception but SystemExit fails the test with its trace
+    assert code == 2, f"exit {code}, expected 2\nstdout: {out[-2000:]}\nstderr: {err[-2000:]}"
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, f"expected one 'error: ...' line, got {err!r}"
+    for e in expect:
+        assert e.format(**fill) in err, f"{e.format(**fill)!r} not in {err!r}"
+
+
+def test_bad_flag_through_the_command_line(chain, bad_files):
+    """The same contract through `python train_rm.py`: exit 2, the file:line, no traceback."""
+    p = run_script("train_rm.py", f"--init_from={chain['sft_ckpt']}", f"--data={bad_files['bad_json']}",
+                   "--threads=1", f"--out_dir={chain['dir'] / 'bad_cli'}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert f"{bad_files['bad_json']}:2:" in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5 and 6. PPO internals, in process: the frozen reference, PPO-ptx with γ = 0, masks after EOS
+
+
+def ppo_args(chain, *extra):
+    return train_ppo.get_args([f"--init_from={chain['sft_ckpt']}", f"--reward_model={chain['rm_ckpt']}",
+                               "--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--response_length=16",
+                               *extra])
+
+
+def ppo_setup(args):
+    """The four networks and the two optimizers exactly as train_ppo.main builds them, on CPU."""
+    policy, ref, critic, rm, mu, sigma, tok = train_ppo.load_models(args, "cpu")
+    opt_p = policy.configure_optimizers(0.0, args.learning_rate, (0.9, 0.999), args.adam_eps, "cpu")
+    opt_c = train_ppo.GPT.configure_optimizers(critic, 0.0, args.critic_learning_rate, (0.9, 0.999), args.adam_eps,
+                                               "cpu")
+    return {"policy": policy, "ref": ref, "critic": critic, "rm": rm, "mu": mu, "sigma": sigma, "tok": tok,
+            "opt_p": opt_p, "opt_c": opt_c}
+
+
+@pytest.fixture(scope="module")
+def ppo_prompts(chain):
+    from data.formats import load_prompts
+    from tokenizer import Tokenizer, render_prompt
+    tok = Tokenizer.from_dict(torch.load(chain["sft_ckpt"], weights_only=False)["tokenizer"])
+    prompts = load_prompts(C.prepare_builtin(quiet=True)["prompts_val"])[:64]
+    return [render_prompt(tok, m, max_tokens=256 - 16) for m in prompts]
+
+
+def do_rollout(m, prompts, args, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return train_ppo.rollout(m["policy"], m["ref"], m["critic"], m["rm"], m["mu"], m["sigma"], m["tok"], prompts,
+                             args, args.kl_coef, gen, "cpu", "float32")
+
+
+def do_update(m, batch, args, seed, ptx=None):
+    gen = torch.Generator().manual_seed(seed)
+    return train_ppo.update(m["policy"], m["critic"], m["opt_p"], m["opt_c"], batch, args, "cpu", "float32", gen,
+                            args.penalty_beta, ptx)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_ppo_reference_and_reward_model_never_change(chain, ppo_prompts):
+    args = ppo_args(chain)
+    m = ppo_setup(args)
+    ref0, rm0, pol0 = snapshot(m["ref"]), snapshot(m["rm"]), snapshot(m["policy"])
+    assert all(torch.equal(ref0[k], pol0[k]) for k in ref0)  # both start as the SFT model
+    for i in range(2):
+        batch = do_rollout(m, ppo_prompts[8 * i:8 * (i + 1)], args, seed=i)
+        do_update(m, batch, args, seed=100 + i)
+    assert all(torch.equal(ref0[k], v) for k, v in m["ref"].state_dict().items()), "the reference model moved"
+    assert all(torch.equal(rm0[k], v) for k, v in m["rm"].state_dict().items()), "the reward model moved"
+    assert not any(p.requires_grad for p in m["ref"].parameters())
+    moved = [k for k, v in m["policy"].state_dict().items() if not torch.equal(pol0[k], v)]
+    assert len(moved) > len(pol0) // 2, f"the policy barely moved: {moved}"
+
+
+def test_ptx_coef_zero_is_plain_ppo(chain, ppo_prompts):
+    from data.formats import load_sft
+    path = C.prepare_builtin(quiet=True)["sft_val"]
+    results = {}
+    batch = None
+    for name, coef, with_ptx in (("plain", 0.0, False), ("ptx0", 0.0, True), ("ptx1", 1.0, True)):
+        args = ppo_args(chain, f"--ptx_coef={coef}", "--ptx_batch_size=4")
+        m = ppo_setup(args)  # identical fresh states from the checkpoints
+        if batch is None:
+            batch = do_rollout(m, ppo_prompts[:8], args, seed=0)
+        ptx = train_sft.ChatData(load_sft(path), m["tok"], m["policy"].config.block_size, path) if with_ptx else None
+        upd = do_update(m, batch, args, seed=7, ptx=ptx)
+        results[name] = (snapshot(m["policy"]), snapshot(m["critic"]), upd)
+    plain, ptx0, ptx1 = results["plain"], results["ptx0"], results["ptx1"]
+    for net in (0, 1):
+        assert all(torch.equal(plain[net][k], ptx0[net][k]) for k in plain[net]), "ptx_coef=0 differs from plain PPO"
+    assert plain[2] == ptx0[2] and "ppo/loss/ptx" not in ptx0[2]
+    # and the ptx path is really wired: γ = 1 changes the policy and logs its loss
+    assert "ppo/loss/ptx" in ptx1[2] and ptx1[2]["ppo/loss/ptx"] > 0
+    assert any(not torch.equal(plain[0][k], ptx1[0][k]) for k in plain[0]), "ptx_coef=1 changed nothing"
+
+
+def test_ppo_rollout_masks_after_eos(chain, ppo_prompts):
+    args = ppo_args(chain, "--batch_size=32")
+    m = ppo_setup(args)
+    b = do_rollout(m, ppo_prompts[:32], args, seed=3)
+    tok = m["tok"]
+    mask, resp = b["response_mask"], b["responses"]
+    B, Tn = resp.shape
+    assert mask.dtype == torch.bool and mask.shape == (B, Tn) == b["advantages"].shape == b["returns"].shape
+    # the mask is a prefix: ones, then zeros
+    assert torch.equal(mask, mask.long().cumprod(1).bool()), "response_mask has a hole"
+    n = mask.sum(1)                                                                    # (B,) real tokens per row
+    ends_early = (n < Tn).nonzero().squeeze(1).tolist()
+    assert ends_early, "no response ended before the others: the test would check nothing"
+    for i in ends_early:  # a row shorter than the batch ended with EOS, and after it there is only PAD
+        assert resp[i, n[i] - 1] == tok.eos_id, f"row {i}: shorter than the batch but its last token is not EOS"
+        assert (resp[i, n[i]:] == tok.pad_id).all()
+    after = ~mask
+    assert after.any()
+    assert (b["advantages"][after] == 0).all(), "an advantage after EOS is not 0"
+    assert (b["returns"][after] == 0).all(), "a return after EOS is not 0"
+    assert (b["advantages"][mask] != 0).any() and (b["returns"][mask] != 0).any()  # not all zero anyway
+    # the token counts and the logged length count real tokens only
+    assert b["n_tokens"] == int(mask.sum())
+    assert b["stats"]["response/length"].item() == pytest.approx(n.float().mean().item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# regressions: bugs found while writing these tests, fixed since
+
+
+def test_sft_resume_on_an_eval_step_keeps_the_eval_row(tmp_path):
+    flags = SFT_TINY + ["--max_iters=8", "--eval_interval=4", "--n_eval_prompts=2", "--max_new_tokens=8"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_main(train_sft, flags + [f"--out_dir={a}"])[0] == 0
+    assert run_main(train_sft, flags + [f"--out_dir={b}", "--stop_after=4"])[0] == 0
+    assert run_main(train_sft, flags + [f"--out_dir={b}", "--resume=1"])[0] == 0
+    ev_a = [r for r in read_jsonl(os.path.join(a, "log.jsonl")) if "val_loss" in r]
+    ev_b = [r for r in read_jsonl(os.path.join(b, "log.jsonl")) if "val_loss" in r]
+    assert [r["step"] for r in ev_a] == [4, 8]
+    assert ev_b == ev_a, f"eval rows after resume at step 4: {[r['step'] for r in ev_b]}"
+
+
+def test_sft_nan_guard_keeps_no_nan_checkpoint(tmp_path):
+    out = str(tmp_path / "nan")
+    code, _, err = run_main(train_sft, SFT_TINY + ["--max_iters=20", "--eval_interval=1", "--eval_iters=1",
+                                                   "--n_eval_prompts=2", "--max_new_tokens=8", "--learning_rate=1e6",
+                                                   "--warmup_iters=1", f"--out_dir={out}"])
+    assert code == 2, err
+    evals = [r for r in read_jsonl(os.path.join(out, "log.jsonl")) if "val_loss" in r]
+    ck_path = os.path.join(out, "ckpt.pt")
+    if os.path.exists(ck_path):  # whatever is kept must be a checkpoint whose held-out loss was finite
+        it = torch.load(ck_path, weights_only=False)["iter"]
+        assert all(math.isfinite(r["val_loss"]) for r in evals if r["step"] == it), \
+            f"kept {ck_path} (step {it}) although its eval was {evals}; stderr: {err}"
+
+
+def test_sft_continues_from_a_short_context_checkpoint_with_default_flags(tmp_path):
+    first = str(tmp_path / "first")
+    assert run_main(train_sft, SFT_TINY + ["--max_iters=1", "--block_size=64", "--eval_interval=100",
+                                           "--n_eval_prompts=1", "--max_new_tokens=4", f"--out_dir={first}"])[0] == 0
+    code, _, err = run_main(train_sft, SFT_TINY + [f"--init_from={first}/ckpt.pt", "--max_iters=1",
+                                                   "--eval_interval=100", "--n_eval_prompts=1", "--max_new_tokens=4",
+                                                   f"--out_dir={tmp_path / 'second'}"])
+    assert code == 0, err
+
+
+def test_rm_does_not_silently_reuse_comparisons_of_another_K(chain, tmp_path):
+    import shutil
+    out = tmp_path / "rm"
+    out.mkdir()
+    for split in ("train", "val"):  # K = 3 comparisons from the smoke chain, left in the run folder
+        shutil.copy(os.path.join(chain["rm"], f"comparisons_{split}.jsonl"), out)
+    code, _, err = run_main(train_rm, [f"--init_from={chain['sft_ckpt']}", "--K=4", "--n_prompts=8",
+                                       "--n_val_prompts=4", "--batch_size=4", "--n_norm=0", "--threads=1",
+                                       f"--out_dir={out}"])
+    if code == 2:  # refusing with a clear message is a fix too
+        assert "--K" in err or "--recollect" in err, err
+    else:
+        assert code == 0, err
+        ks = {len(r["responses"]) for r in read_jsonl(os.path.join(out, "comparisons_train.jsonl"))}
+        assert ks == {4}, f"trained a --K=4 reward model on comparisons of K={ks}"
