@@ -96,7 +96,8 @@ def collect(policy, tok, requests, K, label_temperature, max_new_tokens, tempera
     gen = torch.Generator(device=device).manual_seed(seed)
     rng = random.Random(seed)
     draws = K + 1  # a spare for the rare sample without EOS
-    prompts = [render_prompt(tok, [{"role": "user", "content": r}]) for r in requests]
+    prompts = [render_prompt(tok, [{"role": "user", "content": r}], max_tokens=policy.config.block_size - max_new_tokens)
+               for r in requests]
     samples = C.sample_texts(policy, tok, [p for p in prompts for _ in range(draws)], max_new_tokens, gen,
                              temperature, device=device, dtype=dtype)
     rows = []
@@ -226,9 +227,10 @@ def measure_normalisation(rm, policy, tok, requests, max_new_tokens, temperature
     """μ, σ of the reward model's scores on fresh samples of the SFT policy (RLHF_DETAILS #13)."""
     from tokenizer import render_chat, render_prompt
     gen = torch.Generator(device=device).manual_seed(seed)
-    samples = C.sample_texts(policy, tok, [render_prompt(tok, m) for m in requests], max_new_tokens, gen,
-                             temperature, device=device, dtype=dtype)
-    seqs = [render_chat(tok, m + [{"role": "assistant", "content": t}])[0]
+    T = policy.config.block_size  # long conversations lose their oldest turns first (tokenizer.render_chat)
+    samples = C.sample_texts(policy, tok, [render_prompt(tok, m, max_tokens=T - max_new_tokens) for m in requests],
+                             max_new_tokens, gen, temperature, device=device, dtype=dtype)
+    seqs = [render_chat(tok, m + [{"role": "assistant", "content": t}], max_tokens=T)[0]
             for m, (t, eos) in zip(requests, samples) if eos]
     scores = []
     rm.eval()

@@ -12,7 +12,8 @@ Writes <out_dir>/ckpt.pt (model, optimizer, config, step, RNG states, tokenizer;
 step and per eval) and summary.json (val_loss, seconds; on the built-in task gold_mean, gold_std, well_formed).
 
   python train_sft.py                                   # built-in task, small model, CPU, ~2-3 minutes
-  python train_sft.py --data=data/shakespeare/input.txt --tokenizer=gpt2 --out_dir=out/shakespeare
+  python train_sft.py --data=data/shakespeare/train.txt --val_data=data/shakespeare/val.txt --tokenizer=gpt2 \
+      --out_dir=out/shakespeare
   python train_sft.py --init_from=gpt2 --data=data/hh_rlhf/sft_train.jsonl --val_data=data/hh_rlhf/sft_val.jsonl
 """
 
