@@ -13,6 +13,7 @@ import contextlib
 import gc
 import io
 import json
+import importlib.util
 import math
 import os
 import subprocess
@@ -511,3 +512,57 @@ def test_rm_does_not_silently_reuse_comparisons_of_another_K(chain, tmp_path):
         assert code == 0, err
         ks = {len(r["responses"]) for r in read_jsonl(os.path.join(out, "comparisons_train.jsonl"))}
         assert ks == {4}, f"trained a --K=4 reward model on comparisons of K={ks}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample.py on every stage's checkpoint, its chat mode driven by a pipe, and the report of a tiny run
+
+
+def test_sample_py_on_each_stage(chain):
+    for ckpt in (chain["sft_ckpt"], os.path.join(chain["ppo"], "ckpt.pt")):
+        out = ok(run_script("sample.py", f"--ckpt={ckpt}", "--prompt=Tell me about cats.", "--num_samples=2",
+                            "--max_new_tokens=12", "--device=cpu"))
+        rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        assert len(rows) == 2 and all(r["prompt"] == "Tell me about cats." for r in rows), out.stdout
+    out = ok(run_script("sample.py", f"--ckpt={chain['rm_ckpt']}", "--prompt=Tell me about cats.",
+                        "--response=Cats are soft.", "--device=cpu"))
+    assert out.stdout.startswith("score "), out.stdout
+    bad = run_script("sample.py", f"--ckpt={chain['rm_ckpt']}", "--prompt=hi", "--device=cpu")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--response" in bad.stderr
+
+
+def test_sample_py_chat_mode_with_piped_input(chain):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--ckpt={chain['sft_ckpt']}", "--chat=1",
+                           "--max_new_tokens=12", "--device=cpu"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          input="Tell me about cats.\nAnd dogs?\nWhat about the sea?\n", timeout=120)
+    ok(proc)
+    replies = [line for line in proc.stdout.splitlines() if line.startswith("assistant> ")]
+    assert len(replies) == 3, proc.stdout  # one reply per turn; the history is carried along
+
+
+def test_chat_history_drops_oldest_turns_first(chain):
+    import sample
+    from tokenizer import render_prompt
+    model, tok, _ = sample.load_policy(chain["sft_ckpt"], "cpu")
+    messages = []
+    for i in range(40):  # far more history than the context holds
+        messages += [{"role": "user", "content": f"Tell me about cats number {i}."},
+                     {"role": "assistant", "content": "Cats are soft. Cats like to nap in the sun."}]
+    messages.append({"role": "user", "content": "And dogs?"})
+    budget = model.config.block_size - 16
+    ids = render_prompt(tok, messages, max_tokens=budget)
+    text = tok.decode(ids)
+    assert len(ids) <= budget and text.endswith("And dogs?\n\nAssistant:") and "number 39." in text
+    assert "number 0." not in text  # the oldest turns went first
+
+
+def test_report_from_a_tiny_run(chain, tmp_path):
+    import report
+    text = report.build(chain["sft"], chain["rm"], chain["ppo"], str(tmp_path))
+    assert "| gold score" in text and "SFT" in text and "PPO" in text and "Answers side by side" in text
+    assert os.path.exists(tmp_path / "report.md")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert os.path.exists(tmp_path / "ppo_scores.png") and os.path.exists(tmp_path / "ppo_kl.png")
+    else:
+        assert "matplotlib is not installed" in text
