@@ -14,7 +14,6 @@ Numbers are medians of repeated timings; the machines are shared and noisy, so c
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys

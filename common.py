@@ -49,6 +49,16 @@ def autocast(device, dtype):
     return nullcontext()
 
 
+def start_run(args):
+    """Device, precision, seeds and the run folder for a training script's parsed flags.
+    Returns (device, dtype, path of the run's checkpoint)."""
+    device = get_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    setup_torch(device, args.seed, args.threads)
+    os.makedirs(args.out_dir, exist_ok=True)
+    return device, dtype, os.path.join(args.out_dir, "ckpt.pt")
+
+
 def setup_torch(device, seed, threads=0):
     torch.manual_seed(seed)
     random.seed(seed)
@@ -219,6 +229,12 @@ def sample_texts(model, tok, prompts, max_new_tokens, generator, temperature=1.0
         out += [decode_response(tok, r, m) for r, m in zip(s.responses.cpu(), s.response_mask.cpu())]
     model.train(was_training)
     return out
+
+
+def show_samples(requests, samples, n):
+    """Print the first n (request, (text, eos)) pairs, as every stage does at its evaluations."""
+    for request, (text, eos) in list(zip(requests, samples))[:n]:
+        print(f"  > {request}\n  < {text}{' <EOS>' if eos else ' <no EOS>'}")
 
 
 def gold_report(requests, samples):

@@ -16,7 +16,6 @@ References:
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn

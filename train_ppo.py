@@ -20,9 +20,7 @@ iteration), evals.json (held-out evaluations), samples_before.json / samples_aft
 
 import argparse
 import gc
-import math
 import os
-import random
 import time
 
 import torch
@@ -30,7 +28,7 @@ import torch
 import common as C
 import ppo
 import reward
-from model import GPT, GPTConfig, GPTScalar, left_pad, logprobs_from_logits
+from model import GPT, GPTConfig, GPTScalar, logprobs_from_logits
 
 
 def get_args(argv=None):
@@ -295,8 +293,7 @@ def evaluate_policy(policy, ref, rm, mu, sigma, tok, prompts, args, device, dtyp
     if builtin:
         rep = C.gold_report([m[-1]["content"] for m in prompts], rows["texts"])
         out.update(gold=rep["gold_mean"], gold_std=rep["gold_std"], well_formed=rep["well_formed"])
-    for m, (text, eos) in list(zip(prompts, rows["texts"]))[:n_show]:
-        print(f"  > {m[-1]['content']}\n  < {text}{' <EOS>' if eos else ' <no EOS>'}")
+    C.show_samples([m[-1]["content"] for m in prompts], rows["texts"], n_show)
     out["samples"] = [{"prompt": m[-1]["content"], "response": t, "eos": e} for m, (t, e) in zip(prompts, rows["texts"])]
     return out
 
@@ -308,11 +305,7 @@ def main(argv=None):
     from data.formats import DataError, load_prompts, load_sft
     from tokenizer import render_prompt
     args = get_args(argv)
-    device = C.get_device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    C.setup_torch(device, args.seed, args.threads)
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    device, dtype, ckpt_path = C.start_run(args)
     t_start = time.time()
 
     policy, ref, critic, rm, mu, sigma, tok = load_models(args, device)

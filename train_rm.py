@@ -254,11 +254,7 @@ def main(argv=None):
     from data.formats import DataError, load_preferences, load_prompts
     from tokenizer import Tokenizer
     args = get_args(argv)
-    device = C.get_device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    C.setup_torch(device, args.seed, args.threads)
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    device, dtype, ckpt_path = C.start_run(args)
     t_start = time.time()
 
     # the SFT policy: the trunk to start from, the tokenizer, and the sampler for collection and normalisation

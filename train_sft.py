@@ -254,19 +254,14 @@ def evaluate(model, val, args, device, dtype, tok, prompts, step):
         print(f" | gold {rep['gold_mean']:.3f} ± {rep['gold_std']:.3f} | well formed {rep['well_formed']:.1%}", end="")
     print(flush=True)
     if prompts is not None:
-        for m, (text, eos) in list(zip(ps, samples))[:args.n_show]:
-            print(f"  > {m[-1]['content']}\n  < {text}{' <EOS>' if eos else ' <no EOS>'}")
+        C.show_samples([m[-1]["content"] for m in ps], samples, args.n_show)
     model.train()
     return row
 
 
 def main(argv=None):
     args = get_args(argv)
-    device = C.get_device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    C.setup_torch(device, args.seed, args.threads)
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    device, dtype, ckpt_path = C.start_run(args)
     t_start = time.time()
 
     resume_ckpt = None
