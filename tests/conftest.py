@@ -14,3 +14,18 @@ if os.path.isdir(_cache):
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to a busy machine
+
+
+def randomize_(model, seed):
+    """O(1) random weights. GPT-2's init (std 0.02) makes every position's logits nearly uniform and nearly
+    independent of the input, so a 1e-5 comparison would pass on a broken mask or a wrong position id."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import randomize_
 from model import (GPT, GPTConfig, GPTScalar, KVCache, left_pad, logprobs_from_logits, mask_after_eos,
                    sample_from_logits)
 
@@ -30,21 +31,6 @@ def make_config(**kw):
     base = dict(block_size=64, vocab_size=V, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     base.update(kw)
     return GPTConfig(**base)
-
-
-def randomize_(model, seed):
-    """O(1) random weights. GPT-2's init (std 0.02) makes every position's logits nearly uniform and nearly
-    independent of the input, so a 1e-5 comparison would pass on a broken mask or a wrong position id."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def make_gpt(seed=0, eos_bias=0.0, **kw):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomize_
 from model import GPTConfig, GPTScalar
 from reward import all_pairs, last_token_index, normalize, pair_accuracy, pairwise_loss, ranking_loss, score
 
@@ -116,16 +117,7 @@ def make_rm(seed=0):
     """A tiny GPTScalar in eval mode with O(1) weights: GPT-2's std-0.02 init makes every position's output nearly
     independent of the input, so a 1e-5 comparison would pass on a wrong index or a broken mask."""
     rm = GPTScalar(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in rm.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return rm.eval()
+    return randomize_(rm, seed)
 
 
 SEQ = [7, 12, 3, 44, 9, 21, EOS]   # prompt + response, ending with EOS
