@@ -405,7 +405,7 @@ def main(argv=None):
         C.check_finite(upd["ppo/loss/policy"] + upd["ppo/loss/value"], "PPO loss", it, ckpt_path)
 
         # 8. adapt β toward the target KL (or keep it fixed); the PPO-penalty variant adapts its own β too
-        kl_coef_used = kl_ctl.value
+        kl_coef_used, penalty_beta_used = kl_ctl.value, penalty_beta
         kl_ctl.update(stats["objective/kl"], args.batch_size)
         if args.policy_loss == "penalty":
             penalty_beta = ppo.update_penalty_beta(penalty_beta, upd["ppo/policy/kl_old_new"], args.penalty_target)
@@ -414,6 +414,8 @@ def main(argv=None):
         done_here += 1
         row = {"step": it, **stats, **upd, "objective/kl_coef": kl_coef_used, "time/rollout": t1 - t0,
                "time/update": t2 - t1, "tokens_per_s": batch["n_tokens"] / (t2 - t0)}
+        if args.policy_loss == "penalty":
+            row["ppo/policy/penalty_beta"] = penalty_beta_used
         log.log(row, f"ppo iter {it}/{args.iters} | score {stats['objective/scores']:+.3f} | "
                      f"kl {stats['objective/kl']:.3f} | β {kl_coef_used:.4f} | "
                      f"ent {stats['objective/entropy']:.3f} | len {stats['response/length']:.1f} | "
