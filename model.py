@@ -375,9 +375,10 @@ class GPTScalar(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_gpt(cls, gpt):
-        """A scalar-head model whose trunk is a copy of `gpt` (the SFT policy)."""
-        model = cls(gpt.config)
+    def from_gpt(cls, gpt, dropout=None):
+        """A scalar-head model whose trunk is a copy of `gpt` (the SFT policy), optionally with another dropout."""
+        config = gpt.config if dropout is None else GPTConfig(**{**gpt.config.__dict__, "dropout": dropout})
+        model = cls(config)
         model.gpt.load_state_dict(gpt.state_dict())
         return model.to(gpt.transformer.wte.weight.device)
 

@@ -56,6 +56,7 @@ def get_args(argv=None):
     a("--min_lr", type=float, default=0.0)
     a("--warmup_iters", type=int, default=10)
     a("--weight_decay", type=float, default=0.0)
+    a("--dropout", type=float, default=0.0, help="dropout while training the reward model (off when it scores)")
     a("--grad_clip", type=float, default=1.0)
     a("--max_tokens", type=int, default=0, help="truncate prompt+response to this many tokens (0 = block_size)")
     # evaluation and normalisation
@@ -289,7 +290,7 @@ def main(argv=None):
     print(f"comparisons: {len(train.items)} train prompts ({train.n_pairs} pairs), {len(val.items)} held-out "
           f"({val.n_pairs} pairs)")
 
-    rm = GPTScalar.from_gpt(policy).train()  # trunk from the SFT model, fresh head N(0, 1/√(d+1))
+    rm = GPTScalar.from_gpt(policy, args.dropout).train()  # trunk from the SFT model, fresh head N(0, 1/√(d+1))
     optimizer = rm.gpt.configure_optimizers(args.weight_decay, args.learning_rate, device_type=device.split(":")[0])
     optimizer.add_param_group({"params": list(rm.head.parameters()), "weight_decay": 0.0})
     steps_per_epoch = math.ceil(len(train.items) / args.batch_size)
