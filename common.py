@@ -49,6 +49,37 @@ def autocast(device, dtype):
     return nullcontext()
 
 
+def init_distributed(args):
+    """Under torchrun (RANK and WORLD_SIZE set), join PyTorch's process group: NCCL on CUDA (one GPU per process,
+    LOCAL_RANK picks it), gloo on CPU. Returns (rank, world_size): (0, 1) for a plain run."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    import torch.distributed as dist
+    use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    if use_cuda:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_mean(x, world):
+    """Mean of a tensor over the processes (identity for a single process)."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world
+
+
+def finish_distributed(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def start_run(args):
     """Device, precision, seeds and the run folder for a training script's parsed flags.
     Returns (device, dtype, path of the run's checkpoint)."""

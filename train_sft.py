@@ -261,6 +261,8 @@ def evaluate(model, val, args, device, dtype, tok, prompts, step):
 
 def main(argv=None):
     args = get_args(argv)
+    rank, world = C.init_distributed(args)  # torchrun: one process per device, data split by rank
+    master = rank == 0                      # the one process that evaluates, logs and writes checkpoints
     device, dtype, ckpt_path = C.start_run(args)
     t_start = time.time()
 
@@ -277,8 +279,10 @@ def main(argv=None):
         C.fail(f"--block_size={args.block_size} is longer than the model's block_size={block_size}")
     block_size = args.block_size or block_size
     train, val, prompts = load_data(args, tok, block_size)
-    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model.config}")
-    print(f"data: {train.n_tokens:,} train tokens, {val.n_tokens:,} held-out tokens; tokenizer of {tok.vocab_size} ids")
+    if master:
+        print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model.config}")
+        print(f"data: {train.n_tokens:,} train tokens, {val.n_tokens:,} held-out tokens; tokenizer of {tok.vocab_size} "
+              f"ids" + (f"; {world} processes, {args.batch_size} sequences each" if world > 1 else ""))
 
     optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
                                            device_type=device.split(":")[0])
@@ -288,10 +292,16 @@ def main(argv=None):
         C.set_rng_state(resume_ckpt["rng"])
         start_iter = resume_ckpt["iter"]
         print(f"resuming {ckpt_path} at step {start_iter}")
-    log = C.RunLog(args.out_dir, resume_step=start_iter if args.resume else None)
-    fwd = torch.compile(model) if args.compile else model
+    log = C.RunLog(args.out_dir, resume_step=start_iter if args.resume else None) if master else None
+    ddp = model
+    if world > 1:  # DDP averages the gradients over the processes during backward
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    fwd = torch.compile(ddp) if args.compile else ddp
 
     def save(it):
+        if not master:
+            return
         C.save_checkpoint(ckpt_path, {
             "stage": "sft", "model": model.state_dict(), "model_args": C.model_args(model),
             "optimizer": optimizer.state_dict(), "iter": it, "args": vars(args), "tokenizer": tok.to_dict(),
@@ -300,7 +310,7 @@ def main(argv=None):
     model.train()
     t_loop, steps_done = time.time(), 0
     for it in range(start_iter, args.max_iters):
-        if it % args.eval_interval == 0 and it > 0:  # on a resume at an eval step it is redone: same row
+        if it % args.eval_interval == 0 and it > 0 and master:  # on a resume at an eval step it is redone
             ev = evaluate(model, val, args, device, dtype, tok, prompts, it)
             C.check_finite(ev["val_loss"], "held-out loss", it, ckpt_path)
             log.log(ev, None)
@@ -311,11 +321,16 @@ def main(argv=None):
         t0 = time.time()
         loss_sum = 0.0
         for micro in range(args.grad_accum):
-            x, y = train.batch(args.batch_size, it * args.grad_accum + micro, args.seed, device)
+            # every process draws the same global batch and keeps its own rows of it
+            x, y = train.batch(args.batch_size * world, it * args.grad_accum + micro, args.seed, device)
+            x, y = x[rank * args.batch_size:(rank + 1) * args.batch_size], y[rank * args.batch_size:(rank + 1) * args.batch_size]
             with C.autocast(device, dtype):
                 _, loss = fwd(x, targets=y)
+            if world > 1:  # weigh each process's mean by its share of the global batch's target tokens
+                n_tok = (y != -1).sum().float()
+                loss = loss * n_tok / C.all_reduce_mean(n_tok, world)
             (loss / args.grad_accum).backward()
-            loss_sum += loss.item() / args.grad_accum
+            loss_sum += C.all_reduce_mean(loss.detach(), world).item() / args.grad_accum
         C.check_finite(loss_sum, "training loss", it, ckpt_path)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
         optimizer.step()
@@ -327,11 +342,14 @@ def main(argv=None):
         if it % args.log_interval == 0 or it == args.max_iters - 1:
             line = (f"sft step {it}/{args.max_iters} | loss {loss_sum:.4f} | lr {lr:.2e} | {dt * 1000:.0f}ms | "
                     f"eta {C.eta(t_loop, steps_done, args.max_iters - start_iter)}")
-        log.log(row, line)
+        if master:
+            log.log(row, line)
         if args.stop_after and steps_done >= args.stop_after and it + 1 < args.max_iters:
             save(it + 1)
             print(f"stopping after {steps_done} steps (--stop_after); continue with --resume=1")
-            return
+            return C.finish_distributed(world)
+    if not master:
+        return C.finish_distributed(world)
     final = evaluate(model, val, args, device, dtype, tok, prompts, args.max_iters)
     log.log(final, None)
     save(args.max_iters)
@@ -342,6 +360,7 @@ def main(argv=None):
             summary[k] = final[k]
     C.write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print("summary: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    C.finish_distributed(world)
 
 
 if __name__ == "__main__":
