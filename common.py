@@ -73,6 +73,12 @@ def all_reduce_mean(x, world):
     return x / world
 
 
+def barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def finish_distributed(world):
     if world > 1:
         import torch.distributed as dist

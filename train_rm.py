@@ -255,6 +255,8 @@ def main(argv=None):
     from data.formats import DataError, load_preferences, load_prompts
     from tokenizer import Tokenizer
     args = get_args(argv)
+    rank, world = C.init_distributed(args)  # torchrun: one process per device, each prompt batch split by rank
+    master = rank == 0                      # the one process that collects, evaluates, logs and checkpoints
     device, dtype, ckpt_path = C.start_run(args)
     t_start = time.time()
 
@@ -271,8 +273,10 @@ def main(argv=None):
     builtin = not args.data
     train_path, val_path = args.data, args.val_data
     if builtin:
-        paths = builtin_comparisons(args, policy, tok, device, dtype)
-        train_path, val_path = paths["train"], paths["val"]
+        if master:
+            builtin_comparisons(args, policy, tok, device, dtype)
+        C.barrier(world)  # the others read what rank 0 collected
+        train_path, val_path = (os.path.join(args.out_dir, f"comparisons_{s}.jsonl") for s in ("train", "val"))
     try:
         train_items = load_preferences(train_path)
         if val_path:
@@ -287,13 +291,18 @@ def main(argv=None):
         raw_val = [{"request": it["prompt"][-1]["content"], "responses": it["responses"]} for it in val_items]
     train = Comparisons(train_items, tok, max_tokens, train_path)
     val = Comparisons(val_items, tok, max_tokens, val_path)
-    print(f"comparisons: {len(train.items)} train prompts ({train.n_pairs} pairs), {len(val.items)} held-out "
-          f"({val.n_pairs} pairs)")
+    if master:
+        print(f"comparisons: {len(train.items)} train prompts ({train.n_pairs} pairs), {len(val.items)} held-out "
+              f"({val.n_pairs} pairs)" + (f"; {world} processes, {args.batch_size} prompts each" if world > 1 else ""))
 
     rm = GPTScalar.from_gpt(policy, args.dropout).train()  # trunk from the SFT model, fresh head N(0, 1/√(d+1))
     optimizer = rm.gpt.configure_optimizers(args.weight_decay, args.learning_rate, device_type=device.split(":")[0])
     optimizer.add_param_group({"params": list(rm.head.parameters()), "weight_decay": 0.0})
-    steps_per_epoch = math.ceil(len(train.items) / args.batch_size)
+    global_batch = args.batch_size * world
+    # with several processes the last, partial global batch of an epoch is dropped: every process gets a full share
+    steps_per_epoch = math.ceil(len(train.items) / global_batch) if world == 1 else len(train.items) // global_batch
+    if steps_per_epoch < 1:
+        C.fail(f"{len(train.items)} training prompts are fewer than one global batch of {global_batch}")
     max_iters = max(1, round(args.epochs * steps_per_epoch))
     data_gen = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(train.items), generator=data_gen)
@@ -305,10 +314,16 @@ def main(argv=None):
         C.set_rng_state(ck["rng"], data_gen)
         order, start_iter = ck["order"], ck["iter"]
         print(f"resuming {ckpt_path} at step {start_iter}")
-    log = C.RunLog(args.out_dir, resume_step=start_iter if args.resume else None)
-    fwd = torch.compile(rm) if args.compile else rm
+    log = C.RunLog(args.out_dir, resume_step=start_iter if args.resume else None) if master else None
+    ddp = rm
+    if world > 1:  # DDP averages the gradients over the processes during backward
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(rm, device_ids=[device] if device.startswith("cuda") else None)
+    fwd = torch.compile(ddp) if args.compile else ddp
 
     def save(it, extra=None):
+        if not master:
+            return
         C.save_checkpoint(ckpt_path, {
             "stage": "rm", "model": rm.state_dict(), "model_args": C.model_args(rm), "optimizer": optimizer.state_dict(),
             "iter": it, "order": order, "args": vars(args), "tokenizer": tok.to_dict(), "rng": C.rng_state(data_gen),
@@ -316,14 +331,14 @@ def main(argv=None):
 
     t_loop, steps_done = time.time(), 0
     for it in range(start_iter, max_iters):
-        if it % args.eval_interval == 0 and it > 0:  # on a resume at an eval step it is redone: same row
+        if it % args.eval_interval == 0 and it > 0 and master:  # on a resume at an eval step it is redone
             ev = evaluate(rm, val, args, device, dtype, raw_val)
             log.log({"step": it, **ev}, f"eval step {it} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             save(it)
-        epoch_pos = (it % steps_per_epoch) * args.batch_size
+        epoch_pos = (it % steps_per_epoch) * global_batch
         if it > 0 and it % steps_per_epoch == 0:  # a new epoch: a new order
             order = torch.randperm(len(train.items), generator=data_gen)
-        idx = order[epoch_pos:epoch_pos + args.batch_size]
+        idx = order[epoch_pos:epoch_pos + global_batch][rank * args.batch_size:(rank + 1) * args.batch_size]
         lr = C.lr_at(it, max_iters, args.learning_rate, args.min_lr, args.warmup_iters, "cosine")
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -331,24 +346,28 @@ def main(argv=None):
         r, k = batch_rewards(fwd, train.batch(idx, device), device, dtype)
         loss = reward.ranking_loss(r, k)
         loss.backward()
-        loss_val = loss.item()
+        loss_val = C.all_reduce_mean(loss.detach(), world).item()
         C.check_finite(loss_val, "reward-model loss", it, ckpt_path)
         torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        right, total = reward.pair_accuracy(r.detach(), k)
+        right, total = (world * C.all_reduce_mean(torch.tensor(reward.pair_accuracy(r.detach(), k), dtype=torch.float64,
+                                                                device=device), world)).tolist()
         steps_done += 1
         row = {"step": it, "loss": loss_val, "accuracy": right / max(total, 1), "lr": lr, "ms": (time.time() - t0) * 1000}
         line = None
         if it % args.log_interval == 0 or it == max_iters - 1:
             line = (f"rm step {it}/{max_iters} | loss {loss_val:.4f} | acc {row['accuracy']:.3f} | lr {lr:.2e} | "
                     f"{row['ms']:.0f}ms | eta {C.eta(t_loop, steps_done, max_iters - start_iter)}")
-        log.log(row, line)
+        if master:
+            log.log(row, line)
         if args.stop_after and steps_done >= args.stop_after and it + 1 < max_iters:
             save(it + 1)
             print(f"stopping after {steps_done} steps (--stop_after); continue with --resume=1")
-            return
+            return C.finish_distributed(world)
 
+    if not master:  # evaluation and normalisation run on rank 0
+        return C.finish_distributed(world)
     final = evaluate(rm, val, args, device, dtype, raw_val)
     log.log({"step": max_iters, **final}, f"eval step {max_iters} | " +
             " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
@@ -375,6 +394,7 @@ def main(argv=None):
     summary["seconds"] = time.time() - t_start
     C.write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print("summary: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    C.finish_distributed(world)
 
 
 if __name__ == "__main__":

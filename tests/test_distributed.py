@@ -33,3 +33,34 @@ def test_two_process_sft_matches_one_process(tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     assert "2 processes, 4 sequences each" in out.stdout
     assert os.path.exists(os.path.join(two, "summary.json")) and os.path.exists(os.path.join(two, "ckpt.pt"))
+
+
+def test_two_process_reward_model_matches_one_process(tmp_path):
+    import random
+
+    from data import minichat
+    from data.formats import write_jsonl
+    sft = str(tmp_path / "sft")
+    run([sys.executable, "train_sft.py", *FLAGS, "--batch_size=8", f"--out_dir={sft}"])
+    rng = random.Random(0)
+    rows = []
+    for request in minichat.sample_prompts(40, 0):  # K = 3 crowd answers per prompt, ranked by the noisy labeler
+        responses = [minichat.write_demo(request, rng) for _ in range(3)]
+        rows.append({"prompt": request, "responses": responses, "ranking": minichat.rank(request, responses, rng)})
+    write_jsonl(str(tmp_path / "train.jsonl"), rows[:32])
+    write_jsonl(str(tmp_path / "val.jsonl"), rows[32:])
+    flags = [f"--init_from={sft}/ckpt.pt", f"--data={tmp_path}/train.jsonl", f"--val_data={tmp_path}/val.jsonl",
+             "--epochs=2", "--n_norm=0", "--eval_interval=100", "--threads=1", "--device=cpu", "--learning_rate=1e-2",
+             "--warmup_iters=1"]
+    one, two = str(tmp_path / "rm1"), str(tmp_path / "rm2")
+    run([sys.executable, "train_rm.py", *flags, "--batch_size=8", f"--out_dir={one}"])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_rm.py", *flags,
+         "--batch_size=4", f"--out_dir={two}"])
+    a, steps_a = step_losses(one)
+    b, steps_b = step_losses(two)
+    assert steps_a == steps_b == list(range(8)), (steps_a, steps_b)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    with open(os.path.join(one, "log.jsonl")) as f1, open(os.path.join(two, "log.jsonl")) as f2:
+        acc1 = [json.loads(line)["accuracy"] for line in f1 if '"accuracy"' in line]
+        acc2 = [json.loads(line)["accuracy"] for line in f2 if '"accuracy"' in line]
+    assert acc1 == acc2, "the logged accuracy is the all-reduced one"
