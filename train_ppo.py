@@ -197,8 +197,26 @@ def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen
             "stats": stats, "n_tokens": int(response_mask.sum())}
 
 
-def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, gen, penalty_beta, ptx=None):
-    """Steps 6–7: ppo_epochs × num_minibatches updates of policy and critic on one rollout batch."""
+class PolicyForward(torch.nn.Module):
+    """The policy's part of one update step as a single module call (response log-probs, and the PPO-ptx LM loss
+    when there is ptx text), so that under torchrun DistributedDataParallel sees one forward per backward."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, tokens, attn_mask, responses, mask, Tp, temperature, ptx_x=None, ptx_y=None):
+        logprobs = response_logprobs(self.policy, tokens, attn_mask, responses, mask, Tp, temperature)
+        ptx_loss = self.policy(ptx_x, targets=ptx_y)[1] if ptx_x is not None else None
+        return logprobs, ptx_loss
+
+
+def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, gen, penalty_beta, ptx=None,
+           policy_fwd=None, critic_fwd=None):
+    """Steps 6–7: ppo_epochs × num_minibatches updates of policy and critic on one rollout batch.
+    policy_fwd / critic_fwd: the DDP-wrapped modules under torchrun (default: the plain networks)."""
+    policy_fwd = policy_fwd or PolicyForward(policy)
+    critic_fwd = critic_fwd or critic
     B, Tp = batch["tokens"].size(0), batch["Tp"]
     mb = B // args.num_minibatches
     stats = []
@@ -211,10 +229,15 @@ def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, g
             old_logprobs, old_values = batch["logprobs"][idx], batch["values"][idx]
             advantages, returns = batch["advantages"][idx], batch["returns"][idx]
 
+            # 7. (its data) PPO-ptx: a batch of pretraining/SFT text for the same step
+            x = y = None
+            if args.ptx_coef > 0:
+                x, y = ptx.batch(args.ptx_batch_size, int(torch.randint(1 << 30, (1,), generator=gen)), args.seed,
+                                 device)
             # 6. the clipped surrogate (or PPO-penalty) for the policy, the clipped value loss for the critic
             with C.autocast(device, dtype):
-                logprobs = response_logprobs(policy, tokens, attn_mask, responses, mask, Tp, args.temperature)
-                values = response_values(critic, tokens, attn_mask, Tp)
+                logprobs, ptx_loss = policy_fwd(tokens, attn_mask, responses, mask, Tp, args.temperature, x, y)
+                values = response_values(critic_fwd, tokens, attn_mask, Tp)
             if args.policy_loss == "clip":
                 pg_loss, pg = ppo.policy_loss_clipped(logprobs, old_logprobs, advantages, mask, args.cliprange)
             else:
@@ -231,10 +254,6 @@ def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, g
             # 7. PPO-ptx: γ_ptx · the language-modelling loss on pretraining/SFT text, in the same step
             loss = pg_loss
             if args.ptx_coef > 0:
-                x, y = ptx.batch(args.ptx_batch_size, int(torch.randint(1 << 30, (1,), generator=gen)), args.seed,
-                                 device)
-                with C.autocast(device, dtype):
-                    _, ptx_loss = policy(x, targets=y)
                 loss = loss + args.ptx_coef * ptx_loss
             opt_policy.zero_grad(set_to_none=True)
             opt_critic.zero_grad(set_to_none=True)
@@ -305,6 +324,8 @@ def main(argv=None):
     from data.formats import DataError, load_prompts, load_sft
     from tokenizer import render_prompt
     args = get_args(argv)
+    rank, world = C.init_distributed(args)  # torchrun: each process rolls out its own prompts with its own seed
+    master = rank == 0                      # the one process that evaluates, logs and writes checkpoints
     device, dtype, ckpt_path = C.start_run(args)
     t_start = time.time()
 
@@ -324,10 +345,12 @@ def main(argv=None):
     max_prompt = policy.config.block_size - args.response_length
     train_requests = [m[-1]["content"] for m in train_prompts]
     train_prompts = [render_prompt(tok, m, max_tokens=max_prompt) for m in train_prompts]
-    if args.oracle and not builtin:
-        C.fail("--oracle=1 needs the built-in task (its gold labeler)")
-    print(f"policy {policy.get_num_params() / 1e6:.2f}M params; {len(train_prompts)} train prompts, "
-          f"{len(eval_prompts)} held-out; reward normalisation μ={mu:.3f} σ={sigma:.3f}")
+    if args.oracle and (not builtin or world > 1):
+        C.fail("--oracle=1 needs the built-in task (its gold labeler) and a single process")
+    if master:
+            print(f"policy {policy.get_num_params() / 1e6:.2f}M params; {len(train_prompts)} train prompts, "
+              f"{len(eval_prompts)} held-out; reward normalisation μ={mu:.3f} σ={sigma:.3f}"
+              + (f"; {world} processes × {args.batch_size} prompts" if world > 1 else ""))
 
     opt_policy = policy.configure_optimizers(0.0, args.learning_rate, (0.9, 0.999), args.adam_eps, device.split(":")[0])
     opt_critic = GPT.configure_optimizers(critic, 0.0, args.critic_learning_rate, (0.9, 0.999), args.adam_eps,
@@ -335,8 +358,14 @@ def main(argv=None):
     kl_ctl = (ppo.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl > 0
               else ppo.FixedKLController(args.kl_coef))
     penalty_beta = args.penalty_beta
-    gen = torch.Generator(device=device).manual_seed(args.seed)   # sampling
-    cpu_gen = torch.Generator().manual_seed(args.seed + 1)        # prompt order, minibatch permutations
+    gen = torch.Generator(device=device).manual_seed(args.seed + rank)        # sampling
+    cpu_gen = torch.Generator().manual_seed(args.seed + 1 + 1000 * rank)     # prompt order, minibatch permutations
+    policy_fwd, critic_fwd = PolicyForward(policy), critic
+    if world > 1:  # DDP averages the gradients of policy and critic over the processes
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [device] if device.startswith("cuda") else None
+        policy_fwd, critic_fwd = DDP(policy_fwd, device_ids=ids), DDP(critic, device_ids=ids)
+        rank_log = C.RunLog(args.out_dir, name=f"log_rank{rank}.jsonl")  # each process's own, before all-reduce
     start_it, before, evals = 0, None, []
     log = None
     if args.resume:
@@ -350,9 +379,11 @@ def main(argv=None):
         C.set_rng_state(ck["rng"], gen, cpu_gen)
         start_it, before, evals = ck["iter"], ck["before"], ck["evals"]
         print(f"resuming {ckpt_path} at iteration {start_it}")
-    log = C.RunLog(args.out_dir, resume_step=start_it if args.resume else None)
+    log = C.RunLog(args.out_dir, resume_step=start_it if args.resume else None) if master else None
 
     def save(it):
+        if not master:
+            return
         C.save_checkpoint(ckpt_path, {
             "stage": "ppo", "policy": policy.state_dict(), "critic": critic.state_dict(),
             "model_args": C.model_args(policy), "opt_policy": opt_policy.state_dict(),
@@ -369,7 +400,7 @@ def main(argv=None):
         print(f"eval iter {it} | " + " | ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iter"), flush=True)
         return ev
 
-    if before is None:  # the SFT policy on the held-out prompts: the "before" of every comparison
+    if before is None and master:  # the SFT policy on the held-out prompts: the "before" of every comparison
         ev0 = run_eval(0)
         C.write_json(os.path.join(args.out_dir, "samples_before.json"), ev0["samples"])
         before = {k: v for k, v in ev0.items() if k != "samples"}
@@ -398,10 +429,17 @@ def main(argv=None):
         batch = rollout(policy, ref, critic, rm, mu, sigma, tok, [train_prompts[i] for i in pick], args,
                         kl_ctl.value, gen, device, dtype, oracle=oracle)
         t1 = time.time()
-        upd = update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, cpu_gen, penalty_beta, ptx)
+        upd = update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, cpu_gen, penalty_beta, ptx,
+                     policy_fwd, critic_fwd)
         t2 = time.time()
         t_rollout, t_update = t_rollout + t1 - t0, t_update + t2 - t1
         stats = {k: v.item() for k, v in batch["stats"].items()}
+        if world > 1:  # every logged metric, and the KL that steers β, is the mean over the processes
+            rank_log.log({"step": it, **stats, **upd})
+            stats = {k: C.all_reduce_mean(torch.tensor(v, dtype=torch.float64, device=device), world).item()
+                     for k, v in stats.items()}
+            upd = {k: C.all_reduce_mean(torch.tensor(v, dtype=torch.float64, device=device), world).item()
+                   for k, v in upd.items()}
         C.check_finite(upd["ppo/loss/policy"] + upd["ppo/loss/value"], "PPO loss", it, ckpt_path)
 
         # 8. adapt β toward the target KL (or keep it fixed); the PPO-penalty variant adapts its own β too
@@ -416,19 +454,22 @@ def main(argv=None):
                "time/update": t2 - t1, "tokens_per_s": batch["n_tokens"] / (t2 - t0)}
         if args.policy_loss == "penalty":
             row["ppo/policy/penalty_beta"] = penalty_beta_used
-        log.log(row, f"ppo iter {it}/{args.iters} | score {stats['objective/scores']:+.3f} | "
-                     f"kl {stats['objective/kl']:.3f} | β {kl_coef_used:.4f} | "
-                     f"ent {stats['objective/entropy']:.3f} | len {stats['response/length']:.1f} | "
-                     f"eos {stats['response/eos_share']:.2f} | approxkl {upd['ppo/policy/approxkl']:.4f} | "
-                     f"clipfrac {upd['ppo/policy/clipfrac']:.3f} | vexp {upd['ppo/val/var_explained']:.2f} | "
-                     f"{t1 - t0:.2f}s+{t2 - t1:.2f}s | eta {C.eta(t_loop, done_here, args.iters - start_it)}")
-        if (it + 1) % args.eval_interval == 0 and it + 1 < args.iters:
-            run_eval(it + 1)
-            save(it + 1)
+        if master:
+            log.log(row, f"ppo iter {it}/{args.iters} | score {stats['objective/scores']:+.3f} | "
+                         f"kl {stats['objective/kl']:.3f} | β {kl_coef_used:.4f} | "
+                         f"ent {stats['objective/entropy']:.3f} | len {stats['response/length']:.1f} | "
+                         f"eos {stats['response/eos_share']:.2f} | approxkl {upd['ppo/policy/approxkl']:.4f} | "
+                         f"clipfrac {upd['ppo/policy/clipfrac']:.3f} | vexp {upd['ppo/val/var_explained']:.2f} | "
+                         f"{t1 - t0:.2f}s+{t2 - t1:.2f}s | eta {C.eta(t_loop, done_here, args.iters - start_it)}")
+            if (it + 1) % args.eval_interval == 0 and it + 1 < args.iters:
+                run_eval(it + 1)
+                save(it + 1)
         if args.stop_after and done_here >= args.stop_after and it + 1 < args.iters:
             save(it + 1)
             print(f"stopping after {done_here} iterations (--stop_after); continue with --resume=1")
-            return
+            return C.finish_distributed(world)
+    if not master:
+        return C.finish_distributed(world)
     after = run_eval(args.iters)
     save(args.iters)
     C.write_json(os.path.join(args.out_dir, "samples_after.json"), after["samples"])
@@ -446,6 +487,7 @@ def main(argv=None):
                        well_formed_after=after["well_formed"])
     C.write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print("summary: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    C.finish_distributed(world)
 
 
 def _read_log(path):

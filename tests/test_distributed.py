@@ -35,20 +35,25 @@ def test_two_process_sft_matches_one_process(tmp_path):
     assert os.path.exists(os.path.join(two, "summary.json")) and os.path.exists(os.path.join(two, "ckpt.pt"))
 
 
-def test_two_process_reward_model_matches_one_process(tmp_path):
+def write_comparisons(tmp_path):
+    """train.jsonl (32 prompts) and val.jsonl (8): K = 3 crowd answers per prompt, ranked by the noisy labeler."""
     import random
 
     from data import minichat
     from data.formats import write_jsonl
-    sft = str(tmp_path / "sft")
-    run([sys.executable, "train_sft.py", *FLAGS, "--batch_size=8", f"--out_dir={sft}"])
     rng = random.Random(0)
     rows = []
-    for request in minichat.sample_prompts(40, 0):  # K = 3 crowd answers per prompt, ranked by the noisy labeler
+    for request in minichat.sample_prompts(40, 0):
         responses = [minichat.write_demo(request, rng) for _ in range(3)]
         rows.append({"prompt": request, "responses": responses, "ranking": minichat.rank(request, responses, rng)})
     write_jsonl(str(tmp_path / "train.jsonl"), rows[:32])
     write_jsonl(str(tmp_path / "val.jsonl"), rows[32:])
+
+
+def test_two_process_reward_model_matches_one_process(tmp_path):
+    sft = str(tmp_path / "sft")
+    run([sys.executable, "train_sft.py", *FLAGS, "--batch_size=8", f"--out_dir={sft}"])
+    write_comparisons(tmp_path)
     flags = [f"--init_from={sft}/ckpt.pt", f"--data={tmp_path}/train.jsonl", f"--val_data={tmp_path}/val.jsonl",
              "--epochs=2", "--n_norm=0", "--eval_interval=100", "--threads=1", "--device=cpu", "--learning_rate=1e-2",
              "--warmup_iters=1"]
@@ -64,3 +69,32 @@ def test_two_process_reward_model_matches_one_process(tmp_path):
         acc1 = [json.loads(line)["accuracy"] for line in f1 if '"accuracy"' in line]
         acc2 = [json.loads(line)["accuracy"] for line in f2 if '"accuracy"' in line]
     assert acc1 == acc2, "the logged accuracy is the all-reduced one"
+
+
+def test_two_process_ppo_completes_and_logs_all_reduced_metrics(tmp_path):
+    sft, rm = str(tmp_path / "sft"), str(tmp_path / "rm")
+    run([sys.executable, "train_sft.py", *FLAGS, "--batch_size=8", f"--out_dir={sft}"])
+    write_comparisons(tmp_path)
+    run([sys.executable, "train_rm.py", f"--init_from={sft}/ckpt.pt", f"--data={tmp_path}/train.jsonl",
+         f"--val_data={tmp_path}/val.jsonl", "--batch_size=8", "--n_norm=0", "--threads=1", "--device=cpu",
+         f"--out_dir={rm}"])
+    out = str(tmp_path / "ppo")
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py",
+         f"--init_from={sft}/ckpt.pt", f"--reward_model={rm}/ckpt.pt", "--iters=3", "--batch_size=4",
+         "--num_minibatches=2", "--ppo_epochs=1", "--response_length=12", "--n_eval_prompts=4", "--eval_interval=2",
+         "--threads=1", "--device=cpu", f"--out_dir={out}"])
+
+    def rows(name):
+        with open(os.path.join(out, name)) as f:
+            return [json.loads(line) for line in f]
+    merged, r0, r1 = rows("log.jsonl"), rows("log_rank0.jsonl"), rows("log_rank1.jsonl")
+    assert [r["step"] for r in merged] == [r["step"] for r in r0] == [r["step"] for r in r1] == [0, 1, 2]
+    for m, a, b in zip(merged, r0, r1):
+        for key in ("objective/scores", "objective/kl", "objective/entropy", "response/length", "ppo/policy/approxkl",
+                    "ppo/loss/value", "ppo/val/var_explained"):
+            assert abs(m[key] - (a[key] + b[key]) / 2) < 1e-9, (key, m[key], a[key], b[key])
+    # rank-specific rollout seeds: the two processes sampled different responses
+    assert any(a["response/length"] != b["response/length"] or a["objective/entropy"] != b["objective/entropy"]
+               for a, b in zip(r0, r1))
+    for f in ("summary.json", "ckpt.pt", "evals.json"):
+        assert os.path.exists(os.path.join(out, f)), f
