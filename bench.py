@@ -3,7 +3,7 @@ Speed benchmark. Prints progress, then as its LAST line one JSON object that oth
 
   device, config, train_tokens_per_s (forward + backward + AdamW step), sample_tokens_per_s_cache and
   sample_tokens_per_s_nocache (batch 64, 64-token prompts, 128 new tokens, pure sampling with no early stop),
-  kv_cache_speedup, and (--ppo=1) ppo_iter_seconds, ppo_rollout_seconds, ppo_update_seconds
+  kv_cache_speedup, train_mfu on CUDA (against the GPU's bf16 peak), and (--ppo=1) ppo_iter_seconds, ppo_rollout_seconds, ppo_update_seconds
   (medians at the PPO issue's fixed setting), and peak memory.
 
 Numbers are medians of repeated timings; the machines are shared and noisy, so compare runs side by side.
@@ -61,6 +61,16 @@ def bench_train(model, device, batch, seq, repeat, autocast):
         opt.zero_grad(set_to_none=True)
 
     return batch * seq / timed(step, device, repeat)
+
+
+# peak dense bf16 matmul throughput, FLOP/s, by the name torch reports (MFU is measured against it)
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def model_flops_per_token(config, seq):
+    """6N for the matmuls forward + backward, plus the attention scores: 12·L·C·T (Kaplan et al.; PaLM appendix B)."""
+    n = 12 * config.n_layer * config.n_embd ** 2 + config.vocab_size * config.n_embd  # blocks + tied embedding
+    return 6 * n + 12 * config.n_layer * config.n_embd * seq
 
 
 def bench_sample(model, device, batch, prompt_len, new_tokens, use_cache, repeat, autocast):
@@ -158,6 +168,10 @@ def main():
         seq = min(args.train_seq, model.config.block_size)
         result["train_tokens_per_s"] = round(bench_train(model, device, args.train_batch, seq, args.repeat, autocast))
         print(f"train: {result['train_tokens_per_s']} tokens/s", file=sys.stderr)
+        if device == "cuda":  # model-FLOPs utilisation of the training step against the GPU's bf16 peak
+            peak = next((v for k, v in BF16_PEAK.items() if k in torch.cuda.get_device_name()), None)
+            flops = model_flops_per_token(model.config, seq) * result["train_tokens_per_s"]
+            result["train_mfu"] = round(flops / peak, 3) if peak else None
         for use_cache in (True, False):
             key = "sample_tokens_per_s_cache" if use_cache else "sample_tokens_per_s_nocache"
             result[key] = round(bench_sample(model, device, 64, 64, 128, use_cache, args.repeat, autocast))
