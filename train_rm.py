@@ -224,8 +224,11 @@ def evaluate(rm, val, args, device, dtype, raw_val=None):
 
 
 @torch.no_grad()
-def measure_normalisation(rm, policy, tok, requests, max_new_tokens, temperature, seed, device, dtype):
-    """μ, σ of the reward model's scores on fresh samples of the SFT policy (RLHF_DETAILS #13)."""
+def measure_normalisation(rm, policy, tok, requests, max_new_tokens, temperature, seed, device, dtype, rank=0,
+                          world=1):
+    """μ, σ of the reward model's scores on fresh samples of the SFT policy (RLHF_DETAILS #13). Under torchrun
+    each process samples its share of the prompts and the sums are all-reduced."""
+    requests, seed = requests[rank::world], seed + rank
     from tokenizer import render_chat, render_prompt
     gen = torch.Generator(device=device).manual_seed(seed)
     T = policy.config.block_size  # long conversations lose their oldest turns first (tokenizer.render_chat)
@@ -244,8 +247,13 @@ def measure_normalisation(rm, policy, tok, requests, max_new_tokens, temperature
         with C.autocast(device, dtype):
             scores.append(reward.score(rm, x.to(device), mask.to(device)).float().cpu())
     rm.train()
-    scores = torch.cat(scores)
-    return scores.mean().item(), scores.std(unbiased=False).item()
+    scores = torch.cat(scores).double() if scores else torch.zeros(0, dtype=torch.float64)
+    n, total, total_sq = (world * C.all_reduce_mean(torch.stack([torch.tensor(float(len(scores))), scores.sum(),
+                                                                 (scores ** 2).sum()]).to(device), world)).tolist()
+    if n == 0:
+        C.fail("normalisation: none of the SFT policy's samples ended with EOS (train it longer, or --n_norm=0)")
+    mean = total / n
+    return mean, max(total_sq / n - mean ** 2, 0.0) ** 0.5  # population std
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,11 +374,11 @@ def main(argv=None):
             print(f"stopping after {steps_done} steps (--stop_after); continue with --resume=1")
             return C.finish_distributed(world)
 
-    if not master:  # evaluation and normalisation run on rank 0
-        return C.finish_distributed(world)
-    final = evaluate(rm, val, args, device, dtype, raw_val)
-    log.log({"step": max_iters, **final}, f"eval step {max_iters} | " +
-            " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    final = {}
+    if master:  # evaluation runs on rank 0; the normalisation on every process, all-reduced
+        final = evaluate(rm, val, args, device, dtype, raw_val)
+        log.log({"step": max_iters, **final}, f"eval step {max_iters} | " +
+                " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
     mu, sigma = 0.0, 1.0
     summary = {**final, "seconds": 0.0, "iters": max_iters}
     if args.n_norm > 0:
@@ -384,12 +392,14 @@ def main(argv=None):
             random.Random(args.seed + 2).shuffle(allp)
             norm_prompts, check_prompts = allp[:args.n_norm], allp[args.n_norm:2 * args.n_norm]
         mu, sigma = measure_normalisation(rm, policy, tok, norm_prompts, args.max_new_tokens, args.temperature,
-                                          args.seed + 3, device, dtype)
+                                          args.seed + 3, device, dtype, rank, world)
         summary.update({"reward_mean": mu, "reward_std": sigma})
         if check_prompts:  # fresh samples on other prompts: normalised, they should score mean 0, std 1
             m2, s2 = measure_normalisation(rm, policy, tok, check_prompts, args.max_new_tokens, args.temperature,
-                                           args.seed + 4, device, dtype)
+                                           args.seed + 4, device, dtype, rank, world)
             summary.update({"normalised_check_mean": (m2 - mu) / sigma, "normalised_check_std": s2 / sigma})
+    if not master:
+        return C.finish_distributed(world)
     save(max_iters, {"mu": mu, "sigma": sigma})
     summary["seconds"] = time.time() - t_start
     C.write_json(os.path.join(args.out_dir, "summary.json"), summary)
