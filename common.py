@@ -63,6 +63,14 @@ def init_distributed(args):
     return dist.get_rank(), dist.get_world_size()
 
 
+def ddp(module, world, device):
+    """DistributedDataParallel under torchrun (it averages the gradients during backward); the module otherwise."""
+    if world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
+
+
 def all_reduce_mean(x, world):
     """Mean of a tensor over the processes (identity for a single process)."""
     if world == 1:

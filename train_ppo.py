@@ -360,11 +360,9 @@ def main(argv=None):
     penalty_beta = args.penalty_beta
     gen = torch.Generator(device=device).manual_seed(args.seed + rank)        # sampling
     cpu_gen = torch.Generator().manual_seed(args.seed + 1 + 1000 * rank)     # prompt order, minibatch permutations
-    policy_fwd, critic_fwd = PolicyForward(policy), critic
-    if world > 1:  # DDP averages the gradients of policy and critic over the processes
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [device] if device.startswith("cuda") else None
-        policy_fwd, critic_fwd = DDP(policy_fwd, device_ids=ids), DDP(critic, device_ids=ids)
+    # under torchrun, DDP averages the gradients of policy and critic over the processes
+    policy_fwd, critic_fwd = C.ddp(PolicyForward(policy), world, device), C.ddp(critic, world, device)
+    if world > 1:
         rank_log = C.RunLog(args.out_dir, name=f"log_rank{rank}.jsonl")  # each process's own, before all-reduce
     start_it, before, evals = 0, None, []
     log = None

@@ -323,11 +323,8 @@ def main(argv=None):
         order, start_iter = ck["order"], ck["iter"]
         print(f"resuming {ckpt_path} at step {start_iter}")
     log = C.RunLog(args.out_dir, resume_step=start_iter if args.resume else None) if master else None
-    ddp = rm
-    if world > 1:  # DDP averages the gradients over the processes during backward
-        from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(rm, device_ids=[device] if device.startswith("cuda") else None)
-    fwd = torch.compile(ddp) if args.compile else ddp
+    fwd = C.ddp(rm, world, device)
+    fwd = torch.compile(fwd) if args.compile else fwd
 
     def save(it, extra=None):
         if not master:

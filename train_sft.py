@@ -293,11 +293,8 @@ def main(argv=None):
         start_iter = resume_ckpt["iter"]
         print(f"resuming {ckpt_path} at step {start_iter}")
     log = C.RunLog(args.out_dir, resume_step=start_iter if args.resume else None) if master else None
-    ddp = model
-    if world > 1:  # DDP averages the gradients over the processes during backward
-        from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    fwd = torch.compile(ddp) if args.compile else ddp
+    fwd = C.ddp(model, world, device)
+    fwd = torch.compile(fwd) if args.compile else fwd
 
     def save(it):
         if not master:
