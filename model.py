@@ -403,6 +403,18 @@ def left_pad(seqs, pad_id, device=None):
     return idx.to(device), mask.to(device)
 
 
+def right_pad(seqs, pad_id=0, device=None):
+    """List of token-id lists -> (B, T) right-padded ids and the (B, T) long mask of real tokens. Right padding
+    needs no attention mask in a causal model: every real token comes before the padding."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)                        # (B, T)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)                                 # (B, T)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return idx.to(device), mask.to(device)
+
+
 def mask_after_eos(responses, eos_id):
     """1 at every response token up to and including the first EOS, 0 after it (RLHF_DETAILS #7)."""
     is_eos = (responses == eos_id).long()                                              # (B, Tn)

@@ -65,6 +65,7 @@ def best_of_n(policy, rm, mu, sigma, tok, prompts, ns, temperature, max_new_toke
     """For each n: sample max(ns) responses per prompt once, keep the first n, pick the RM's favourite.
     Returns rows {n, kl, d, proxy, gold}."""
     from data import minichat
+    from model import right_pad
     from tokenizer import render_chat, render_prompt
     N = max(ns)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -76,11 +77,8 @@ def best_of_n(policy, rm, mu, sigma, tok, prompts, ns, temperature, max_new_toke
         chunk = samples[s:s + 256]
         msgs = [prompts[(s + i) // N] for i in range(len(chunk))]
         seqs = [render_chat(tok, m + [{"role": "assistant", "content": t}])[0] for m, (t, _) in zip(msgs, chunk)]
-        x = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-        mask = torch.zeros_like(x)
-        for i, q in enumerate(seqs):
-            x[i, :len(q)], mask[i, :len(q)] = torch.tensor(q), 1
-        r = reward.normalize(reward.score(rm, x.to(device), mask.to(device)).float().cpu(), mu, sigma)
+        x, mask = right_pad(seqs, device=device)                                      # (B, T) each
+        r = reward.normalize(reward.score(rm, x, mask).float().cpu(), mu, sigma)     # (B,)
         eos = torch.tensor([e for _, e in chunk])
         scores.append(ppo.apply_missing_eos_penalty(r, eos, -1.0))
     scores = torch.cat(scores).view(len(prompts), N)                                 # (P, N)

@@ -31,7 +31,7 @@ import torch
 
 import common as C
 import reward
-from model import GPT, GPTConfig, GPTScalar
+from model import GPT, GPTConfig, GPTScalar, right_pad
 
 
 def get_args(argv=None):
@@ -167,12 +167,7 @@ class Comparisons:
         rows = [self.items[int(i)] for i in idx]
         K = max(len(r) for r in rows)
         seqs = [s for r in rows for s in r]
-        T = max(len(s) for s in seqs)
-        x = torch.zeros(len(seqs), T, dtype=torch.long)                                 # (ΣK, T)
-        mask = torch.zeros(len(seqs), T, dtype=torch.long)                              # (ΣK, T)
-        for n, s in enumerate(seqs):
-            x[n, :len(s)] = torch.tensor(s)
-            mask[n, :len(s)] = 1
+        x, mask = right_pad(seqs)                                                       # (ΣK, T) each
         k = torch.tensor([len(r) for r in rows])                                        # (N,)
         where = torch.full((len(rows), K), -1, dtype=torch.long)                        # (N, K) row of each response
         n = 0
@@ -239,13 +234,9 @@ def measure_normalisation(rm, policy, tok, requests, max_new_tokens, temperature
     scores = []
     rm.eval()
     for s in range(0, len(seqs), 64):
-        chunk = seqs[s:s + 64]
-        x = torch.zeros(len(chunk), max(len(c) for c in chunk), dtype=torch.long)       # (B, T)
-        mask = torch.zeros_like(x)                                                      # (B, T)
-        for n, c in enumerate(chunk):
-            x[n, :len(c)], mask[n, :len(c)] = torch.tensor(c), 1
+        x, mask = right_pad(seqs[s:s + 64], device=device)                              # (B, T) each
         with C.autocast(device, dtype):
-            scores.append(reward.score(rm, x.to(device), mask.to(device)).float().cpu())
+            scores.append(reward.score(rm, x, mask).float().cpu())
     rm.train()
     scores = torch.cat(scores).double() if scores else torch.zeros(0, dtype=torch.float64)
     n, total, total_sq = (world * C.all_reduce_mean(torch.stack([torch.tensor(float(len(scores))), scores.sum(),
