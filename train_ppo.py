@@ -79,7 +79,7 @@ def get_args(argv=None):
     # system
     a("--device", default="auto")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 autocast on CUDA")
-    a("--compile", type=int, default=0)
+    a("--compile", type=int, default=0, help="1: torch.compile the policy and critic forward of the update")
     a("--threads", type=int, default=0)
     a("--seed", type=int, default=1337)
     a("--resume", type=int, default=0, help="1: continue the run in --out_dir from its checkpoint")
@@ -215,8 +215,8 @@ def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, g
            policy_fwd=None, critic_fwd=None):
     """Steps 6–7: ppo_epochs × num_minibatches updates of policy and critic on one rollout batch.
     policy_fwd / critic_fwd: the DDP-wrapped modules under torchrun (default: the plain networks)."""
-    policy_fwd = policy_fwd or PolicyForward(policy)
-    critic_fwd = critic_fwd or critic
+    policy_fwd = PolicyForward(policy) if policy_fwd is None else policy_fwd
+    critic_fwd = critic if critic_fwd is None else critic_fwd
     B, Tp = batch["tokens"].size(0), batch["Tp"]
     mb = B // args.num_minibatches
     stats = []
@@ -362,6 +362,8 @@ def main(argv=None):
     cpu_gen = torch.Generator().manual_seed(args.seed + 1 + 1000 * rank)     # prompt order, minibatch permutations
     # under torchrun, DDP averages the gradients of policy and critic over the processes
     policy_fwd, critic_fwd = C.ddp(PolicyForward(policy), world, device), C.ddp(critic, world, device)
+    if args.compile:  # the update's two forward passes; sampling and scoring stay eager (their shapes change)
+        policy_fwd, critic_fwd = torch.compile(policy_fwd), torch.compile(critic_fwd)
     if world > 1:
         rank_log = C.RunLog(args.out_dir, name=f"log_rank{rank}.jsonl")  # each process's own, before all-reduce
     start_it, before, evals = 0, None, []

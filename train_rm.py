@@ -66,7 +66,7 @@ def get_args(argv=None):
     # system
     a("--device", default="auto")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    a("--compile", type=int, default=0)
+    a("--compile", type=int, default=0, help="1: torch.compile the reward model")
     a("--threads", type=int, default=0)
     a("--seed", type=int, default=1337)
     a("--resume", type=int, default=0, help="1: continue the run in --out_dir from its checkpoint")

@@ -253,6 +253,19 @@ def test_ppo_resume_equals_uninterrupted(chain, tmp_path):
     assert read_json(os.path.join(a, "summary.json"))["score_after"] == read_json(os.path.join(b, "summary.json"))["score_after"]
 
 
+
+def test_ppo_compile_flag(chain, tmp_path):
+    """--compile=1 compiles the update's policy and critic forward; the first-minibatch check (ρ ≡ 1 against the
+    eager rollout's log-probs, 1e-4) then also pins the compiled forward to the eager one."""
+    out = str(tmp_path / "compiled")
+    p = run_script("train_ppo.py", f"--init_from={chain['sft_ckpt']}", f"--reward_model={chain['rm_ckpt']}",
+                   "--iters=2", "--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--response_length=16",
+                   "--n_eval_prompts=4", "--eval_interval=2", "--n_show=0", "--threads=1", "--compile=1",
+                   f"--out_dir={out}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = step_rows(os.path.join(out, "log.jsonl"))
+    assert len(rows) == 2 and all(math.isfinite(r["ppo/loss/policy"]) for r in rows), rows
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. the NaN guard: a clear stop, not a traceback and not a run that trains on garbage
 
