@@ -232,9 +232,16 @@ def prepare_builtin(out_dir=None, seed=0, quiet=False):
     paths = {k: os.path.join(out_dir, f) for k, f in [
         ("sft_train", "sft_train.jsonl"), ("sft_val", "sft_val.jsonl"), ("prompts_train", "prompts_train.jsonl"),
         ("prompts_val", "prompts_val.jsonl"), ("corpus", "corpus.txt"), ("tokenizer", "tokenizer.json")]}
-    if not all(os.path.exists(p) for k, p in paths.items() if k != "tokenizer"):
-        if not quiet:
+    meta_path, want = os.path.join(out_dir, "meta.json"), minichat.generation_settings(seed=seed)
+    have = None
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            have = json.load(f)
+    if have != want or not all(os.path.exists(p) for k, p in paths.items() if k != "tokenizer"):
+        if not quiet:  # missing, incomplete, or made with other settings (an older version of the task)
             print(f"generating the built-in task's data in {out_dir} ...", flush=True)
+        if os.path.exists(paths["tokenizer"]):
+            os.remove(paths["tokenizer"])  # trained on the old corpus
         minichat.generate_all(out_dir, seed=seed)
     if not os.path.exists(paths["tokenizer"]):
         with open(paths["corpus"], encoding="utf-8") as f:

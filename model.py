@@ -138,6 +138,10 @@ class KVCache:
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, nh, S, hs) each
 
+    def keep_rows(self, rows):
+        """Drop every batch row not in `rows` (a 1-D index): finished sequences stop costing work."""
+        self.k, self.v, self.mask = self.k[:, rows], self.v[:, rows], self.mask[rows]
+
 
 @dataclass
 class Sample:
@@ -284,27 +288,36 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)                         # (B,) finished rows
         cache = KVCache(self.config, B, Tp + max_new_tokens, device, self.transformer.wte.weight.dtype) \
             if use_cache else None
+        rows = torch.arange(B, device=device)  # the rows still in the batch (with the cache, finished ones leave)
         n_steps = 0
         for t in range(max_new_tokens):
             if use_cache:
                 # the prompt once (prefill), then one token at a time; only the last position needs logits.
                 # A finished row's PAD is fed as padding (mask 0), so it may lie outside the vocabulary.
-                x, m = (idx, pmask) if t == 0 else (out[:, t - 1:t], ~done[:, None])
-                h = self.hidden(x, m, kv_cache=cache)[:, -1]                           # (B, C)
+                x, m = (idx, pmask) if t == 0 else (out[rows, t - 1:t], ~done[rows, None])
+                h = self.hidden(x, m, kv_cache=cache)[:, -1]                           # (b, C)
             else:
                 seq = torch.cat([idx, out[:, :t]], 1)                                  # (B, Tp + t)
                 alive = mask_after_eos(out[:, :t], eos_id) if eos_id is not None else torch.ones_like(out[:, :t])
                 m = torch.cat([pmask, alive.bool()], 1)                                # (B, Tp + t)
                 h = self.hidden(seq, m)[:, -1]                                         # (B, C)
-            logits = self.lm_head(h).float()                                           # (B, V)
-            tok, lp = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
-            out[:, t] = torch.where(done, pad_id, tok)
-            logprobs[:, t] = torch.where(done, 0.0, lp)
+            logits = self.lm_head(h).float()                                           # (b, V)
+            # one uniform per original row and step, used or not, so the draws do not depend on which rows left
+            u = torch.rand(B, 1, generator=generator, device=device)                   # (B, 1)
+            tok, lp = sample_from_logits(logits, temperature, top_k, top_p, u=u[rows])  # (b,), (b,)
+            finished = done[rows]                                                      # (b,)
+            out[rows, t] = torch.where(finished, pad_id, tok)
+            logprobs[rows, t] = torch.where(finished, 0.0, lp)
             n_steps = t + 1
             if eos_id is not None:
-                done = done | (tok == eos_id)
-                if bool(done.all()):
+                done[rows] = finished | (tok == eos_id)
+                n_left = int((~done[rows]).sum())
+                if n_left == 0:
                     break
+                if use_cache and 4 * n_left <= 3 * len(rows):  # a quarter has finished: drop those rows
+                    keep = (~done[rows]).nonzero().squeeze(1)                          # (n_left,)
+                    cache.keep_rows(keep)
+                    rows = rows[keep]
         out, logprobs = out[:, :n_steps], logprobs[:, :n_steps]                        # (B, Tn)
         if eos_id is None:
             response_mask = torch.ones_like(out, dtype=torch.bool)                     # (B, Tn)
@@ -422,10 +435,11 @@ def mask_after_eos(responses, eos_id):
     return eos_before == 0                                                             # (B, Tn)
 
 
-def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, u=None):
     """One token per row from softmax(logits / T), optionally restricted to the top-k tokens or the smallest set
     of tokens whose probability reaches top_p (nucleus). Returns the tokens and their log-probabilities under
-    the distribution actually sampled from. temperature=0 means greedy (log-prob 0)."""
+    the distribution actually sampled from. temperature=0 means greedy (log-prob 0). u: optional (B, 1)
+    uniforms in [0, 1) to sample with (default: drawn from `generator`)."""
     if temperature == 0:
         return logits.argmax(-1), torch.zeros(logits.size(0), device=logits.device)
     logits = logits / temperature                                                      # (B, V)
@@ -441,7 +455,8 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generato
     logp = F.log_softmax(logits, dim=-1)                                               # (B, V)
     # inverse-CDF sampling: the first token whose cumulative probability exceeds u ~ U(0, 1). Same distribution
     # as torch.multinomial, several times cheaper on CPU for one draw per row.
-    u = torch.rand(logits.size(0), 1, generator=generator, device=logits.device)      # (B, 1)
+    if u is None:
+        u = torch.rand(logits.size(0), 1, generator=generator, device=logits.device)  # (B, 1)
     cdf = logp.exp().cumsum(-1)                                                        # (B, V)
     tok = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=logits.size(-1) - 1)  # (B,)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)                              # (B,), (B,)

@@ -42,7 +42,7 @@ def get_args(argv=None):
     a("--init_from", default="out/sft/ckpt.pt", help="SFT checkpoint: the trunk, the tokenizer and the sampler")
     a("--out_dir", default="out/rm")
     # collection on the built-in task (InstructGPT's pipeline)
-    a("--n_prompts", type=int, default=4000, help="built-in: train prompts to collect comparisons on")
+    a("--n_prompts", type=int, default=8000, help="built-in: train prompts to collect comparisons on")
     a("--n_val_prompts", type=int, default=300, help="built-in: held-out prompts to collect comparisons on")
     a("--K", type=int, default=4, help="built-in: responses ranked per prompt (InstructGPT: 4 ≤ K ≤ 9)")
     a("--label_temperature", type=float, default=1.0, help="built-in: the noisy labeler's Plackett–Luce temperature")
@@ -100,7 +100,7 @@ def collect(policy, tok, requests, K, label_temperature, max_new_tokens, tempera
     prompts = [render_prompt(tok, [{"role": "user", "content": r}], max_tokens=policy.config.block_size - max_new_tokens)
                for r in requests]
     samples = C.sample_texts(policy, tok, [p for p in prompts for _ in range(draws)], max_new_tokens, gen,
-                             temperature, device=device, dtype=dtype)
+                             temperature, batch_size=256, device=device, dtype=dtype)
     rows = []
     for n, request in enumerate(requests):
         responses = [text for text, eos in samples[n * draws:(n + 1) * draws] if eos and text.strip()][:K]
@@ -132,6 +132,8 @@ def builtin_comparisons(args, policy, tok, device, dtype):
     for split, n, key, seed in (("train", args.n_prompts, "prompts_train", args.seed),
                                 ("val", args.n_val_prompts, "prompts_val", args.seed + 1)):
         requests = [m[-1]["content"] for m in load_prompts(paths[key])]
+        if n > len(requests):
+            print(f"note: {split}: {n} prompts asked for, {paths[key]} has {len(requests)}; collecting on all of them")
         random.Random(seed).shuffle(requests)
         rows = collect(policy, tok, requests[:n], args.K, args.label_temperature, args.max_new_tokens,
                        args.temperature, seed, device, dtype)
@@ -162,6 +164,22 @@ class Comparisons:
         if not self.items:
             C.fail(f"{where}: no comparisons")
         self.n_pairs = sum(math.comb(len(s), 2) for s in self.items)
+        self.lengths = torch.tensor([max(len(seq) for seq in seqs) for seqs in self.items])  # padded length per item
+
+    def epoch_order(self, batch, generator, group=32):
+        """A random order of the items in which each batch holds items of similar length, so that little of the
+        batch is padding (on the built-in task, random batches are ~45% padding). A random permutation is cut into
+        chunks of `group` batches; each chunk is sorted by length, cut into batches, and those batches shuffled.
+        Which items share a chunk, and the order of the batches, stay random."""
+        perm = torch.randperm(len(self.items), generator=generator)                    # (N,)
+        chunks = []
+        for c in range(0, len(perm), group * batch):
+            chunk = perm[c:c + group * batch]
+            chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]        # short to long
+            batches = list(chunk.split(batch))
+            full = [b for b in batches if len(b) == batch]  # a short last batch stays last, so batches stay aligned
+            chunks += [full[i] for i in torch.randperm(len(full), generator=generator).tolist()] + batches[len(full):]
+        return torch.cat(chunks)                                                       # (N,)
 
     def batch(self, idx, device):
         rows = [self.items[int(i)] for i in idx]
@@ -188,12 +206,15 @@ def batch_rewards(rm, batch, device, dtype):
 
 
 @torch.no_grad()
-def evaluate(rm, val, args, device, dtype, raw_val=None):
+def evaluate(rm, val, args, device, dtype, raw_val=None, by_term=False):
     """Held-out pairwise accuracy against the labels; on the built-in task also against gold, on pairs whose
-    gold scores differ, and the noisy labeler's own agreement with gold on those pairs (the ceiling)."""
+    gold scores differ, and the noisy labeler's own agreement with gold on those pairs (the ceiling).
+    by_term: also the gold accuracy on the pairs where each term of the gold formula differs (what the reward
+    model has learned: {term: {"accuracy", "pairs"}})."""
     rm.eval()
     right = total = 0
     gold_right = gold_total = label_agree = 0
+    term_right, term_total = {}, {}
     for s in range(0, len(val.items), args.batch_size):
         idx = list(range(s, min(s + args.batch_size, len(val.items))))
         r, k = batch_rewards(rm, val.batch(idx, device), device, dtype)
@@ -204,17 +225,26 @@ def evaluate(rm, val, args, device, dtype, raw_val=None):
             for row, i in enumerate(idx):
                 item = raw_val[i]
                 golds = [minichat.gold(item["request"], resp) for resp in item["responses"]]
+                terms = [minichat.gold_terms(item["request"], resp) for resp in item["responses"]]
                 for p, q in reward.all_pairs(len(golds)):  # p ranked above q by the noisy labeler
                     if golds[p] == golds[q]:
                         continue
+                    ok = (r[row, p] > r[row, q]).item() == (golds[p] > golds[q])
                     gold_total += 1
                     label_agree += golds[p] > golds[q]
-                    gold_right += (r[row, p] > r[row, q]).item() == (golds[p] > golds[q])
+                    gold_right += ok
+                    for t in set(terms[p]) | set(terms[q]):
+                        if terms[p].get(t, 0) != terms[q].get(t, 0):
+                            term_right[t] = term_right.get(t, 0) + ok
+                            term_total[t] = term_total.get(t, 0) + 1
     rm.train()
     out = {"val_accuracy": right / max(total, 1)}
     if raw_val is not None:
         out["val_accuracy_gold"] = gold_right / max(gold_total, 1)
         out["labeler_agreement"] = label_agree / max(gold_total, 1)
+        if by_term:
+            out["val_accuracy_gold_by_term"] = {t: {"accuracy": term_right[t] / n, "pairs": n}
+                                                for t, n in sorted(term_total.items(), key=lambda kv: -kv[1])}
     return out
 
 
@@ -304,7 +334,7 @@ def main(argv=None):
         C.fail(f"{len(train.items)} training prompts are fewer than one global batch of {global_batch}")
     max_iters = max(1, round(args.epochs * steps_per_epoch))
     data_gen = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(train.items), generator=data_gen)
+    order = train.epoch_order(global_batch, data_gen)
     start_iter = 0
     if args.resume:
         ck = C.load_checkpoint(ckpt_path, "--resume checkpoint")
@@ -333,7 +363,7 @@ def main(argv=None):
             save(it)
         epoch_pos = (it % steps_per_epoch) * global_batch
         if it > 0 and it % steps_per_epoch == 0:  # a new epoch: a new order
-            order = torch.randperm(len(train.items), generator=data_gen)
+            order = train.epoch_order(global_batch, data_gen)
         idx = order[epoch_pos:epoch_pos + global_batch][rank * args.batch_size:(rank + 1) * args.batch_size]
         lr = C.lr_at(it, max_iters, args.learning_rate, args.min_lr, args.warmup_iters, "cosine")
         for group in optimizer.param_groups:
@@ -364,11 +394,17 @@ def main(argv=None):
 
     final = {}
     if master:  # evaluation runs on rank 0; the normalisation on every process, all-reduced
-        final = evaluate(rm, val, args, device, dtype, raw_val)
+        final = evaluate(rm, val, args, device, dtype, raw_val, by_term=True)
+        by_term = final.pop("val_accuracy_gold_by_term", None)
         log.log({"step": max_iters, **final}, f"eval step {max_iters} | " +
                 " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
+        if by_term:  # which parts of the hidden preference it has learned
+            print("accuracy against gold on the pairs where a term of the gold formula differs: " +
+                  ", ".join(f"{t} {v['accuracy']:.3f} ({v['pairs']})" for t, v in by_term.items()))
+            final["val_accuracy_gold_by_term"] = by_term
     mu, sigma = 0.0, 1.0
-    summary = {**final, "seconds": 0.0, "iters": max_iters}
+    summary = {**final, "seconds": 0.0, "iters": max_iters, "train_prompts": len(train.items),
+               "train_pairs": train.n_pairs}
     if args.n_norm > 0:
         # fresh prompts from the train side of the data (HH: the train conversations' prompts)
         if builtin:
@@ -391,7 +427,8 @@ def main(argv=None):
     save(max_iters, {"mu": mu, "sigma": sigma})
     summary["seconds"] = time.time() - t_start
     C.write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    print("summary: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    print("summary: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                                  if not isinstance(v, dict)))
     C.finish_distributed(world)
 
 

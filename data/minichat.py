@@ -382,6 +382,18 @@ def gold_from_stats(st):
             - W_WORD * max(0, st["words"] - WORD_BUDGET))
 
 
+def gold_terms(request, response, eos=True):
+    """The terms of the gold formula for one response, by name (for reports of what a reward model learned):
+    the counts that enter gold, and `malformed` (1 when the floor applies instead)."""
+    st = response_stats(request, response, eos)
+    if not (st["eos"] and st["well_formed"]):
+        return {"malformed": 1}
+    return {"on_topic": min(st["on_topic"], MAX_GOOD_FACTS), "facts_beyond_3": max(0, st["on_topic"] - MAX_GOOD_FACTS),
+            "off_topic": st["off_topic"], "repeats": st["repeats"], "rude": st["rude"], "opener": st["opener"],
+            "closer": st["closer"], "extra_polite": st["extra_polite"], "words_over_30": max(0, st["words"] - WORD_BUDGET),
+            "malformed": 0}
+
+
 def gold(request, response, eos=True):
     """The hidden human preference for one response. Deterministic; 4.0 at best, −4.0 for malformed or truncated."""
     return gold_from_stats(response_stats(request, response, eos))
@@ -443,8 +455,9 @@ def _jsonl(rows):
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def generate_all(out_dir, n_sft=20000, n_prompts=10000, seed=0, n_val=500):
-    """Write every MiniChat file under out_dir (see the module docstring). Returns {filename: row count}."""
+def generate_all(out_dir, n_sft=20000, n_prompts=20000, seed=0, n_val=500):
+    """Write every MiniChat file under out_dir (see the module docstring), then meta.json with the settings
+    (written last: it marks a complete set). Returns {filename: row count}."""
     os.makedirs(out_dir, exist_ok=True)
     sft_train = make_sft_data(n_sft, seed, "train")
     files = {
@@ -459,7 +472,13 @@ def generate_all(out_dir, n_sft=20000, n_prompts=10000, seed=0, n_val=500):
     _write_atomic(os.path.join(out_dir, "corpus.txt"), "".join(render(r["prompt"], r["response"]) for r in sft_train))
     counts = {name: len(rows) for name, rows in files.items()}
     counts["corpus.txt"] = len(sft_train)
+    _write_atomic(os.path.join(out_dir, "meta.json"), json.dumps(generation_settings(n_sft, n_prompts, seed, n_val)))
     return counts
+
+
+def generation_settings(n_sft=20000, n_prompts=20000, seed=0, n_val=500):
+    """What a set of files was generated with (meta.json): a changed default makes old files stale."""
+    return {"n_sft": n_sft, "n_prompts": n_prompts, "n_val": n_val, "seed": seed}
 
 
 def demo_report(n=2000, seed=0):
@@ -481,7 +500,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out_dir", type=str, default="data/minichat", help="where the files go")
     parser.add_argument("--n_sft", type=int, default=20000, help="demonstrations on train prompts (SFT)")
-    parser.add_argument("--n_prompts", type=int, default=10000, help="train prompts for the RM and PPO")
+    parser.add_argument("--n_prompts", type=int, default=20000, help="train prompts for the RM and PPO")
     parser.add_argument("--n_val", type=int, default=500, help="held-out prompts, and demos on them")
     parser.add_argument("--seed", type=int, default=0, help="everything is a function of this seed")
     args = parser.parse_args()

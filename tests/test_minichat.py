@@ -148,6 +148,23 @@ def test_gold_terms(response, expected):
     assert mc.gold(REQ, response) == pytest.approx(expected), mc.response_stats(REQ, response)
 
 
+
+def test_named_gold_terms_add_up_to_gold():
+    """gold_terms (the report of what a reward model learned) names exactly the terms of the formula."""
+    w = {"on_topic": mc.W_ON, "facts_beyond_3": 0.0, "off_topic": -mc.W_OFF, "repeats": -mc.W_REPEAT,
+         "rude": -mc.W_RUDE, "opener": mc.W_POLITE, "closer": mc.W_POLITE, "extra_polite": -mc.W_EXTRA_POLITE,
+         "words_over_30": -mc.W_WORD, "malformed": 0.0}
+    rows = mc.make_sft_data(500, 0) + [{"prompt": REQ, "response": "Sure! Cats are fluffy."}]
+    for r in rows:
+        t = mc.gold_terms(r["prompt"], r["response"])
+        if t["malformed"]:
+            assert t == {"malformed": 1} and mc.gold(r["prompt"], r["response"]) == mc.GOLD_FLOOR
+            continue
+        assert set(t) == set(w), t
+        assert sum(w[k] * v for k, v in t.items()) == pytest.approx(mc.gold(r["prompt"], r["response"])), r
+    assert mc.gold_terms(REQ, PERFECT, eos=False) == {"malformed": 1}  # no EOS: the floor
+    assert mc.gold_terms(REQ, " ".join([OPEN, F1, F1, F2, F3, F4, CLOSE]))["facts_beyond_3"] == 1
+
 def test_length_budget_costs_a_quarter_per_word():
     long_facts = ["Cats can purr when they are happy.", "Cats clean their fur with their tongue.",
                   "Cats like to nap in the sun.", "Cats can see well in the dark.", "There is a lot to know about cats."]
@@ -297,8 +314,9 @@ def test_cli_writes_the_files_deterministically(tmp_path):
         proc = _run_cli(str(d))
         assert proc.returncode == 0, proc.stderr
     assert "sft_train.jsonl: 300 rows" in proc.stdout
-    names = ["sft_train.jsonl", "sft_val.jsonl", "prompts_train.jsonl", "prompts_val.jsonl", "corpus.txt"]
+    names = ["sft_train.jsonl", "sft_val.jsonl", "prompts_train.jsonl", "prompts_val.jsonl", "corpus.txt", "meta.json"]
     assert sorted(os.listdir(a)) == sorted(names), os.listdir(a)  # and no .tmp left behind
+    assert json.loads((a / "meta.json").read_text()) == mc.generation_settings(300, 200, 7, 50)
     for name in names:  # two processes (different hash seeds), same bytes
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     train = [json.loads(line) for line in open(a / "sft_train.jsonl")]
@@ -311,3 +329,20 @@ def test_cli_writes_the_files_deterministically(tmp_path):
     corpus = (a / "corpus.txt").read_text()
     assert corpus.startswith("\n\nHuman: " + train[0]["prompt"] + "\n\nAssistant: " + train[0]["response"])
     assert corpus.count("\n\nHuman: ") == 300
+
+
+def test_prepare_builtin_regenerates_files_made_with_other_settings(tmp_path):
+    """A data folder from an older version of the task (other sizes) is regenerated, BPE included; a current one
+    is left alone."""
+    sys.path.insert(0, ROOT)
+    import common as C
+    mc.generate_all(str(tmp_path), n_sft=50, n_prompts=40, n_val=10)
+    (tmp_path / "tokenizer.json").write_text("trained on the old corpus")
+    paths = C.prepare_builtin(str(tmp_path), quiet=True)
+    assert json.loads((tmp_path / "meta.json").read_text()) == mc.generation_settings()
+    with open(paths["prompts_train"]) as f:
+        assert sum(1 for _ in f) == mc.generation_settings()["n_prompts"]
+    assert json.loads((tmp_path / "tokenizer.json").read_text())  # a real tokenizer file again
+    stamp = os.path.getmtime(paths["prompts_train"])
+    C.prepare_builtin(str(tmp_path), quiet=True)
+    assert os.path.getmtime(paths["prompts_train"]) == stamp

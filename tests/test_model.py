@@ -250,6 +250,28 @@ def test_cached_and_uncached_sampling_agree():
     assert (a.response_mask == 0).any(), "no EOS sampled: padding after EOS untested"
 
 
+
+def test_finished_rows_leave_the_cached_batch(monkeypatch):
+    """With the KV cache, rows that have sampled EOS are dropped from the batch (and their cache) as they finish;
+    the samples and log-probs are those of the uncached reference, which keeps every row to the end."""
+    import model as model_module
+    sizes = []
+    keep_rows = model_module.KVCache.keep_rows
+
+    def spy(cache, rows):
+        sizes.append((cache.k.size(1), len(rows)))
+        keep_rows(cache, rows)
+    monkeypatch.setattr(model_module.KVCache, "keep_rows", spy)
+    model = make_gpt(eos_bias=3.0)
+    prompts = random_prompts([4, 6, 2, 5, 3, 6, 1, 4, 5, 2, 6, 3, 4, 5, 2, 3], seed=3)
+    kw = dict(max_new_tokens=20, pad_id=PAD, eos_id=EOS, temperature=1.0)
+    a = model.generate(prompts, generator=torch.Generator().manual_seed(4), use_cache=True, **kw)
+    assert sizes and sizes[0][0] == 16 and all(kept < before for before, kept in sizes), sizes
+    b = model.generate(prompts, generator=torch.Generator().manual_seed(4), use_cache=False, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.response_mask, b.response_mask)
+    close(a.logprobs, b.logprobs)
+    check_eos_structure(a, 20)
+
 def test_same_seed_same_samples():
     model = make_gpt()
     prompts = random_prompts([3, 5])

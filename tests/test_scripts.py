@@ -148,6 +148,10 @@ def test_rm_smoke_contract(chain):
     for k in ("val_accuracy", "val_accuracy_gold", "labeler_agreement"):
         assert 0.0 <= s[k] <= 1.0, (k, s[k])
     assert s["reward_std"] > 0, s
+    by_term = s["val_accuracy_gold_by_term"]  # which gold terms the differing pairs differ in, and how it did on each
+    assert isinstance(by_term, dict) and set(by_term) <= {"on_topic", "facts_beyond_3", "off_topic", "repeats", "rude", "opener",
+                                        "closer", "extra_polite", "words_over_30", "malformed"}, by_term
+    assert all(0.0 <= v["accuracy"] <= 1.0 and 1 <= v["pairs"] <= 8 * 3 for v in by_term.values()), by_term
     for split, n_prompts in (("train", 24), ("val", 8)):
         path = os.path.join(chain["rm"], f"comparisons_{split}.jsonl")
         items = load_preferences(path)
@@ -579,3 +583,23 @@ def test_report_from_a_tiny_run(chain, tmp_path):
         assert os.path.exists(tmp_path / "ppo_scores.png") and os.path.exists(tmp_path / "ppo_kl.png")
     else:
         assert "matplotlib is not installed" in text
+
+
+def test_rm_batches_group_similar_lengths():
+    """Comparisons.epoch_order: a permutation of all items, deterministic for a seed, whose batches hold items of
+    similar length (less padding than random batches), with a short last batch kept last."""
+    import random
+    from types import SimpleNamespace
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 100) for _ in range(1000)]
+    fake = SimpleNamespace(items=[None] * 1000, lengths=torch.tensor(lengths))
+    order = train_rm.Comparisons.epoch_order(fake, 16, torch.Generator().manual_seed(1))
+    assert sorted(order.tolist()) == list(range(1000))
+    assert torch.equal(order, train_rm.Comparisons.epoch_order(fake, 16, torch.Generator().manual_seed(1)))
+    assert not torch.equal(order, train_rm.Comparisons.epoch_order(fake, 16, torch.Generator().manual_seed(2)))
+
+    def padded(o):  # tokens a batch pads to, summed over the batches
+        return sum(max(lengths[i] for i in b) * len(b) for b in o.split(16))
+    random_order = torch.randperm(1000, generator=torch.Generator().manual_seed(1))
+    assert padded(order) < 0.75 * padded(random_order), (padded(order), padded(random_order))
+    assert len(order.split(16)[-1]) == 1000 % 16  # the short batch is the last one
