@@ -42,8 +42,9 @@ Reads nothing. Writes, under --out_dir:
   sft_val.jsonl     {"prompt", "response"} demos on held-out prompts     (SFT validation loss)
   prompts_train.jsonl, prompts_val.jsonl   {"prompt"}                    (reward-model comparisons, PPO, eval)
   corpus.txt        the rendered train demos                             (BPE training)
+  meta.json         the settings they were made with (common.prepare_builtin regenerates files made with others)
 
-Run: python -m data.minichat --out_dir=data/minichat --n_sft=20000 --seed=0
+Run: python -m data.minichat --out_dir=data/minichat --n_sft=20000 --n_prompts=20000 --seed=0
 """
 import argparse
 import hashlib
