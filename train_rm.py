@@ -50,9 +50,9 @@ def get_args(argv=None):
     a("--temperature", type=float, default=0.7, help="sampling temperature T (the same T as PPO will use)")
     a("--recollect", type=int, default=0, help="1: collect again even if the comparison files exist")
     # optimisation
-    a("--batch_size", type=int, default=16, help="prompts per step (each with its K responses)")
+    a("--batch_size", type=int, default=8, help="prompts per step (each with its K responses)")
     a("--epochs", type=float, default=1.0, help="passes over the training comparisons (about 1: RLHF_DETAILS #12)")
-    a("--learning_rate", type=float, default=1e-3, help="peak learning rate")
+    a("--learning_rate", type=float, default=5e-4, help="peak learning rate")
     a("--min_lr", type=float, default=0.0)
     a("--warmup_iters", type=int, default=10)
     a("--weight_decay", type=float, default=0.0)
@@ -60,7 +60,7 @@ def get_args(argv=None):
     a("--grad_clip", type=float, default=1.0)
     a("--max_tokens", type=int, default=0, help="truncate prompt+response to this many tokens (0 = block_size)")
     # evaluation and normalisation
-    a("--eval_interval", type=int, default=50, help="steps between held-out evaluations (and checkpoints)")
+    a("--eval_interval", type=int, default=200, help="steps between held-out evaluations (and checkpoints)")
     a("--n_norm", type=int, default=512, help="SFT samples used to measure the normalisation μ, σ (0 = skip)")
     a("--log_interval", type=int, default=10)
     # system
@@ -91,20 +91,20 @@ def get_args(argv=None):
 
 def collect(policy, tok, requests, K, label_temperature, max_new_tokens, temperature, seed, device, dtype):
     """K samples per prompt from the SFT policy, ranked by the noisy labeler. Only responses that ended with EOS
-    are kept (PPO never asks the reward model about the others: they get the missing-EOS penalty instead)."""
+    are kept (PPO never asks the reward model about the others: they get the missing-EOS penalty instead), so a
+    prompt may keep fewer than K (the ranking loss takes any K ≥ 2 per prompt); one with fewer than 2 is dropped."""
     from data import minichat
     from tokenizer import render_prompt
     gen = torch.Generator(device=device).manual_seed(seed)
     rng = random.Random(seed)
-    draws = K + 1  # a spare for the rare sample without EOS
     prompts = [render_prompt(tok, [{"role": "user", "content": r}], max_tokens=policy.config.block_size - max_new_tokens)
                for r in requests]
-    samples = C.sample_texts(policy, tok, [p for p in prompts for _ in range(draws)], max_new_tokens, gen,
+    samples = C.sample_texts(policy, tok, [p for p in prompts for _ in range(K)], max_new_tokens, gen,
                              temperature, batch_size=256, device=device, dtype=dtype)
     rows = []
     for n, request in enumerate(requests):
-        responses = [text for text, eos in samples[n * draws:(n + 1) * draws] if eos and text.strip()][:K]
-        if len(responses) < K:
+        responses = [text for text, eos in samples[n * K:(n + 1) * K] if eos and text.strip()]
+        if len(responses) < 2:
             continue
         rows.append({"prompt": request, "responses": responses,
                      "ranking": minichat.rank(request, responses, rng, temperature=label_temperature)})
@@ -138,10 +138,12 @@ def builtin_comparisons(args, policy, tok, device, dtype):
         rows = collect(policy, tok, requests[:n], args.K, args.label_temperature, args.max_new_tokens,
                        args.temperature, seed, device, dtype)
         if not rows:
-            C.fail(f"no {split} comparison collected: fewer than K={args.K} of the SFT policy's samples per prompt "
+            C.fail(f"no {split} comparison collected: fewer than 2 of the SFT policy's {args.K} samples per prompt "
                    f"ended with EOS within --max_new_tokens={args.max_new_tokens} (train the SFT model longer?)")
         write_jsonl(out[split], rows)
-        print(f"collected {len(rows)} {split} comparisons of K={args.K} in {time.time() - t0:.0f}s -> {out[split]}")
+        full = sum(len(r["responses"]) == args.K for r in rows)
+        print(f"collected {len(rows)} {split} comparisons ({full} with all K={args.K} responses ended by EOS) in "
+              f"{time.time() - t0:.0f}s -> {out[split]}")
     C.write_json(meta_path, meta)
     return out
 
