@@ -10,8 +10,8 @@ against d = √KL(π‖π_SFT) (for best-of-n, KL = ln n − (n−1)/n). It fits
     R_bon(d) = d (α − β d)           peak at d* = α / (2β)
 
 and writes <out_dir>/study.md (the table, the fits, the predicted peaks), study.json and study.png.
-With --big_rm=1 it also trains a reward model on more comparisons (--big_rm_prompts) and repeats best-of-n and
-the lowest-β PPO run with it, to show the peak move.
+It also trains a reward model on more comparisons (--big_rm_prompts; --big_rm=0 skips it) and repeats best-of-n
+and the lowest-β PPO run with it, to show the peak move.
 
 Reads out/sft/ckpt.pt and out/rm/ckpt.pt (run train_sft.py and train_rm.py first).
 
@@ -116,7 +116,7 @@ def main(argv=None):
     p.add_argument("--eval_interval", type=int, default=10, help="PPO iterations between study points")
     p.add_argument("--n_eval_prompts", type=int, default=128)
     p.add_argument("--bon_n", default="1,2,4,8,16,32,64", help="best-of-n values")
-    p.add_argument("--big_rm", type=int, default=0, help="1: also a reward model on more comparisons")
+    p.add_argument("--big_rm", type=int, default=1, help="1: also a reward model on more comparisons (0: skip it)")
     p.add_argument("--big_rm_prompts", type=int, default=20000,
                    help="comparison prompts of the bigger reward model (all 20,000 train prompts of the built-in "
                         "task; the default reward model uses 8,000)")
