@@ -192,10 +192,11 @@ def write_report(results, out_dir):
         acc, n = res["rm_val_accuracy_gold"], res.get("rm_train_prompts")
         lines += [f"## {name}: held-out accuracy against gold " + (f"{acc:.3f}" if acc is not None else "n/a") +
                   (f", trained on {n:,} prompts" if n else ""), "",
-                  "| method | setting | KL | d | proxy | gold | gold, picked by gold |", "|---|---|---|---|---|---|---|"]
+                  "| method | setting | KL | d | proxy | gold | gold, picked by gold |",
+                  "|---|---|---|---|---|---|---|"]
         for q in res["bon"]:
-            lines.append(f"| best-of-n | n = {q['n']} | {q['kl']:.3f} | {q['d']:.3f} | {q['proxy']:+.3f} | {q['gold']:+.3f} | "
-                         f"{q['gold_ceiling']:+.3f} |")
+            lines.append(f"| best-of-n | n = {q['n']} | {q['kl']:.3f} | {q['d']:.3f} | {q['proxy']:+.3f} | "
+                         f"{q['gold']:+.3f} | {q['gold_ceiling']:+.3f} |")
         for beta, run in res["ppo"].items():
             for q in run:
                 lines.append(f"| PPO β = {beta} | iter {q['iter']} | {q['kl']:.3f} | {q['d']:.3f} | {q['proxy']:+.3f} | "
