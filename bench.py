@@ -21,6 +21,7 @@ import time
 
 import torch
 
+import common as C
 from model import GPT, GPTConfig
 
 CONFIGS = {
@@ -137,20 +138,20 @@ def peak_memory_mb(device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", choices=sorted(CONFIGS), help="named model size")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target machine has 2 cores)")
-    p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
-    p.add_argument("--train_batch", type=int, default=16)
-    p.add_argument("--train_seq", type=int, default=256)
-    p.add_argument("--model", type=int, default=1, help="1: time training and sampling")
-    p.add_argument("--ppo", type=int, default=1, help="1: time PPO iterations at the PPO issue's fixed setting")
+    p.add_argument("--threads", type=C.count(), default=2, help="torch CPU threads (the target machine has 2 cores)")
+    p.add_argument("--repeat", type=C.count(), default=3, help="timed repetitions (median reported)")
+    p.add_argument("--train_batch", type=C.count(), default=16, help="sequences per timed training step")
+    p.add_argument("--train_seq", type=C.count(), default=256, help="tokens per training sequence")
+    p.add_argument("--model", type=C.flag01, default=1, help="1: time training and sampling")
+    p.add_argument("--ppo", type=C.flag01, default=1, help="1: time PPO iterations at the PPO issue's fixed setting")
     p.add_argument("--attn_impl", default="sdpa", choices=["sdpa", "explicit"], help="attention path of the PPO run")
-    p.add_argument("--ppo_iters", type=int, default=5, help="timed PPO iterations (after one warm-up)")
+    p.add_argument("--ppo_iters", type=C.count(), default=5, help="timed PPO iterations (after one warm-up)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench.py: --device=cuda but torch.cuda.is_available() is False")
+        C.fail("--device=cuda but no CUDA device is available (use --device=cpu)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = args.device

@@ -4,13 +4,16 @@ atomic checkpoints, the learning-rate schedule, run logs, the NaN guard, and the
 No model code and no RL math lives here.
 """
 
+import argparse
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import nullcontext, suppress
 from dataclasses import asdict
 
 import torch
@@ -24,6 +27,45 @@ def fail(msg):
     """Stop with a clear message and exit status 2, never a stack trace: for bad flags and bad inputs."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line "error: ..." and exit status 2, no usage dump."""
+
+    def error(self, message):
+        fail(message)
+
+
+def number(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: `kind` (int or float) within [lo, hi] (open ends with lo_open / hi_open); a value out of
+    range is refused as "argument --flag: must be ...". Every numeric flag of every script says its range here."""
+    lo_s, hi_s = (">" if lo_open else "≥"), ("<" if hi_open else "≤")
+    want = " and ".join([f"{lo_s} {lo}"] * (lo is not None) + [f"{hi_s} {hi}"] * (hi is not None))
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}{' ' + want if want else ''}, got {text!r}")
+        if kind is float and not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if (lo is not None and (x <= lo if lo_open else x < lo)) or (hi is not None and (x >= hi if hi_open else x > hi)):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return x
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def count(lo=1):
+    """An integer ≥ lo (sizes, counts, intervals: ≥ 1 unless 0 has a meaning the help text gives)."""
+    return number(int, lo)
+
+
+positive = number(float, 0, lo_open=True)  # learning rates, temperatures, ε's: > 0
+nonneg = number(float, 0)                  # coefficients whose 0 means "off": ≥ 0
+unit = number(float, 0, 1)                 # γ, λ, fractions: in [0, 1]
+flag01 = number(int, 0, 1)                 # booleans as 0/1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,12 +138,43 @@ def finish_distributed(world):
 
 def start_run(args):
     """Device, precision, seeds and the run folder for a training script's parsed flags.
-    Returns (device, dtype, path of the run's checkpoint)."""
+    Returns (device, dtype, path of the run's checkpoint). The folder must be writable (checked now, before any
+    training), and a folder that already holds a run is only reused with --resume=1 or --overwrite=1."""
     device = get_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype == "float16":  # fp16 gradients underflow without a loss scaler, which these loops do not have
+        fail("--dtype=float16 is not supported (no gradient scaler): use --dtype=bfloat16 or float32")
     setup_torch(device, args.seed, args.threads)
-    os.makedirs(args.out_dir, exist_ok=True)
+    check_out_dir(args)
     return device, dtype, os.path.join(args.out_dir, "ckpt.pt")
+
+
+def check_out_dir(args):
+    """--out_dir: creatable and writable, and not an earlier run's folder unless --resume=1 or --overwrite=1."""
+    out = args.out_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--out_dir={out} is not writable: {e.strerror or first_line(e)}")
+    if "RANK" in os.environ and os.environ["RANK"] != "0":
+        return  # under torchrun rank 0 decides; the other ranks may find the log it has just started
+    found = [f for f in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out, f))]
+    if found and not args.resume and not args.overwrite:
+        fail(f"--out_dir={out} already holds a run ({', '.join(found)}): pass --resume=1 to continue it, "
+             "--overwrite=1 to start over in it, or another --out_dir")
+
+
+def add_run_flags(a):
+    """The flags every training script shares for its run folder and its continuation."""
+    a("--resume", type=flag01, default=0, help="1: continue the run in --out_dir from its checkpoint")
+    a("--overwrite", type=flag01, default=0, help="1: start over in an --out_dir that already holds a run (its "
+                                                  "log starts afresh, its checkpoint is replaced at the first save)")
+    a("--stop_after", type=count(0), default=0, help="stop after this many steps of this session (simulates a "
+                                                    "kill; 0 = never)")
 
 
 def setup_torch(device, seed, threads=0):
@@ -120,20 +193,64 @@ def setup_torch(device, seed, threads=0):
 
 
 def save_checkpoint(path, obj):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint. A failed write
+    (disk full, read-only folder) is one line naming the path; the previous checkpoint is left as it was and no
+    temporary file is left behind."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its writer
+        with suppress(OSError):
+            os.remove(tmp)
+        kept = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
+        fail(f"could not write checkpoint {path}: {first_line(e)} ({kept})")
 
 
-def load_checkpoint(path, what="checkpoint"):
+# What a checkpoint may hold: tensors, numbers, strings, None and lists/tuples/dicts of them. torch.load with
+# weights_only=True refuses anything else (a pickled object would run its code while loading).
+KINDS = {"sft": "an SFT model (train_sft.py)", "rm": "a reward model (train_rm.py)", "ppo": "a PPO policy (train_ppo.py)"}
+
+
+def load_checkpoint(path, what="checkpoint", kinds=None, complete=False):
+    """A checkpoint dict from `path`, loaded with weights_only=True: no code in the file can run.
+    what: the flag it came from, for the messages. kinds: the stages ("sft", "rm", "ppo") it may be.
+    complete: it must be a finished run's (a reward model: trained and normalised), not an eval-time or
+    --stop_after one. Every failure is one line naming the flag, the path, what was found and what was expected."""
     if not os.path.isfile(path):
         fail(f"{what} {path} does not exist (run the previous stage first, or pass the right path)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # an unusual pickle protocol warns; the verdict below is what counts
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a foreign object in the pickle: refused before it is built
+        why = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        fail(f"{what} {path}: refused to load: it holds objects other than tensors, numbers, strings, lists and "
+             f"dicts, which could run code when loaded" + (f" ({why[0][:200]})" if why else ""))
     except Exception as e:  # a truncated or foreign file
-        fail(f"could not read {what} {path}: {e}")
+        fail(f"could not read {what} {path}: {first_line(e)[:300]}")
+    if not isinstance(ck, dict) or "stage" not in ck:
+        fail(f"{what} {path}: not a checkpoint of train_sft.py, train_rm.py or train_ppo.py")
+    stage = ck["stage"]
+    if kinds is not None and stage not in kinds:
+        fail(f"{what} {path} is {KINDS.get(stage, repr(stage))}, expected " + " or ".join(KINDS[k] for k in kinds))
+    if complete and not is_complete(ck):
+        fail(f"{what} {path} is an unfinished {stage} run's checkpoint (step {ck.get('iter')}"
+             + (", written before its normalisation μ, σ was measured" if stage == "rm" else "")
+             + "): finish it with --resume=1, or pass the final checkpoint")
+    return ck
+
+
+def is_complete(ck):
+    """Whether a checkpoint is a finished run's. Checkpoints from before this flag existed: a reward model is
+    finished when it holds its normalisation."""
+    return ck.get("complete", "mu" in ck if ck.get("stage") == "rm" else True)
+
+
+def first_line(e):
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def rng_state(*generators):
@@ -193,15 +310,28 @@ class RunLog:
         else:  # keep the lines up to the checkpoint; what came after it is redone
             rows = []
             if os.path.exists(self.path):
-                with open(self.path) as f:
-                    rows = [line for line in f if json.loads(line).get("step", 0) < resume_step]
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    lines = f.readlines()
+                for n, line in enumerate(lines, start=1):
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        if n == len(lines):  # a kill between write and flush tears the last line: drop it
+                            print(f"note: {self.path}:{n}: dropped a torn last line")
+                            break
+                        fail(f"{self.path}:{n}: not a JSON line; the log is damaged (move it away to resume)")
+                    if row.get("step", 0) < resume_step:
+                        rows.append(line if line.endswith("\n") else line + "\n")
             with open(self.path, "w") as f:
                 f.writelines(rows)
         self.t0 = time.time()
 
     def log(self, row, fmt=None):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            fail(f"could not write {self.path}: {e.strerror or first_line(e)}")
         if fmt is not None:
             print(fmt, flush=True)
 
@@ -214,10 +344,16 @@ def eta(start_time, done, total):
 
 
 def write_json(path, obj):
+    """Atomically, like the checkpoints; a failed write is one line naming the path."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        with suppress(OSError):
+            os.remove(tmp)
+        fail(f"could not write {path}: {e.strerror or first_line(e)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,6 +417,13 @@ def sample_texts(model, tok, prompts, max_new_tokens, generator, temperature=1.0
         out += [decode_response(tok, r, m) for r, m in zip(s.responses.cpu(), s.response_mask.cpu())]
     model.train(was_training)
     return out
+
+
+def report_cuts(where, cuts, n, max_tokens):
+    """Say once what render_chat shortened (its `cuts` Counter) out of n conversations of `where`."""
+    if cuts["turns_dropped"] or cuts["cut"]:
+        print(f"note: {where}: conversations longer than {max_tokens} tokens: {cuts['turns_dropped']} oldest turns "
+              f"dropped, {cuts['cut']} of {n} cut to their last {max_tokens} tokens (the start of the prompt lost)")
 
 
 def show_samples(requests, samples, n):

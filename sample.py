@@ -25,16 +25,17 @@ def load_policy(ckpt_path, device):
     """(GPT, tokenizer, stage) from an SFT or PPO checkpoint; (GPTScalar, tokenizer, 'rm') from a reward model's."""
     from model import GPT, GPTConfig
     from tokenizer import Tokenizer
-    ck = C.load_checkpoint(ckpt_path, "--ckpt")
-    stage = ck.get("stage")
+    ck = C.load_checkpoint(ckpt_path, "--ckpt", kinds=("sft", "rm", "ppo"))
+    stage = ck["stage"]
     tok = Tokenizer.from_dict(ck["tokenizer"])
     if stage == "rm":
         import reward
+        if not C.is_complete(ck):
+            C.fail(f"--ckpt {ckpt_path} is an unfinished reward model's checkpoint (no normalisation μ, σ yet): "
+                   "finish its run with --resume=1, or pass the final checkpoint")
         rm, mu, sigma = reward.load_reward_model(ck, device)
         rm.mu, rm.sigma = mu, sigma
         return rm, tok, stage
-    if stage not in ("sft", "ppo"):
-        C.fail(f"{ckpt_path}: not a checkpoint of train_sft.py, train_rm.py or train_ppo.py")
     model = GPT(GPTConfig(**{**ck["model_args"], "dropout": 0.0}))
     model.load_state_dict(ck["policy"] if stage == "ppo" else ck["model"])
     return model.to(device).eval(), tok, stage
@@ -50,17 +51,17 @@ def reply(model, tok, messages, args, gen, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out/ppo/ckpt.pt", help="checkpoint of any stage")
     p.add_argument("--prompt", default="", help="one user message")
     p.add_argument("--prompts_file", default="", help=".txt (one prompt per line) or prompt JSONL")
-    p.add_argument("--chat", type=int, default=0, help="1: interactive multi-turn chat on stdin")
+    p.add_argument("--chat", type=C.flag01, default=0, help="1: interactive multi-turn chat on stdin")
     p.add_argument("--response", default="", help="reward model: the response to score")
-    p.add_argument("--num_samples", type=int, default=1, help="answers per prompt")
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--num_samples", type=C.count(), default=1, help="answers per prompt")
+    p.add_argument("--max_new_tokens", type=C.count(), default=64, help="response length limit")
+    p.add_argument("--temperature", type=C.nonneg, default=0.7, help="sampling temperature T ≥ 0 (0 = greedy)")
+    p.add_argument("--top_k", type=C.count(), default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top_p", type=C.number(float, 0, 1, lo_open=True), default=None, help="nucleus sampling: the smallest set of tokens with probability ≥ p")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -110,8 +111,11 @@ def main(argv=None):
             except DataError as e:
                 C.fail(str(e))
         else:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip()]
+            try:
+                with open(args.prompts_file, encoding="utf-8") as f:
+                    prompts += [line.strip() for line in f if line.strip()]
+            except UnicodeDecodeError as e:
+                C.fail(f"--prompts_file={args.prompts_file}: not UTF-8 text (byte offset {e.start}): a binary file?")
     if not prompts:
         C.fail("nothing to do: give --prompt, --prompts_file or --chat=1")
     for prompt in prompts:

@@ -99,58 +99,72 @@ def ppo_points(out_dir, flags):
     """Run train_ppo.py with fixed β and return its held-out evaluations as study points."""
     import train_ppo
     if not os.path.exists(os.path.join(out_dir, "summary.json")):
-        train_ppo.main(flags + [f"--out_dir={out_dir}", "--n_show=0"])
+        train_ppo.main(flags + [f"--out_dir={out_dir}", "--n_show=0", "--overwrite=1"])  # unfinished: redone
     with open(os.path.join(out_dir, "evals.json")) as f:
         evals = json.load(f)
     return [{"iter": e["iter"], "kl": e["kl"], "d": math.sqrt(max(e["kl"], 0.0)), "proxy": e["score"],
              "gold": e["gold"]} for e in evals]
 
 
+def number_list(text, flag, parse):
+    """'1,2,4' -> [1, 2, 4], each value checked by the flag type `parse`; a bad value is one line naming the flag."""
+    try:
+        values = [parse(x.strip()) for x in text.split(",") if x.strip()]
+    except argparse.ArgumentTypeError as e:
+        C.fail(f"argument {flag}: {e}")
+    if not values:
+        C.fail(f"argument {flag}: expected a comma-separated list, got {text!r}")
+    return values
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sft", default="out/sft/ckpt.pt")
     p.add_argument("--rm", default="out/rm/ckpt.pt")
     p.add_argument("--out_dir", default="out/study")
     p.add_argument("--kl_coefs", default="0,0.01,0.05", help="fixed β of each PPO run (comma-separated)")
-    p.add_argument("--iters", type=int, default=100, help="PPO iterations per run")
-    p.add_argument("--eval_interval", type=int, default=10, help="PPO iterations between study points")
-    p.add_argument("--n_eval_prompts", type=int, default=128)
+    p.add_argument("--iters", type=C.count(), default=100, help="PPO iterations per run")
+    p.add_argument("--eval_interval", type=C.count(), default=10, help="PPO iterations between study points")
+    p.add_argument("--n_eval_prompts", type=C.count(), default=128, help="held-out prompts of each study point")
     p.add_argument("--bon_n", default="1,2,4,8,16,32,64", help="best-of-n values")
-    p.add_argument("--big_rm", type=int, default=1, help="1: also a reward model on more comparisons (0: skip it)")
-    p.add_argument("--big_rm_prompts", type=int, default=20000,
+    p.add_argument("--big_rm", type=C.flag01, default=1, help="1: also a reward model on more comparisons (0: skip it)")
+    p.add_argument("--big_rm_prompts", type=C.count(), default=20000,
                    help="comparison prompts of the bigger reward model (all 20,000 train prompts of the built-in "
                         "task; the default reward model uses 8,000)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=C.positive, default=0.7, help="sampling temperature T")
+    p.add_argument("--max_new_tokens", type=C.count(), default=64, help="response length limit")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
+    kl_coefs, ns = number_list(args.kl_coefs, "--kl_coefs", C.nonneg), number_list(args.bon_n, "--bon_n", C.count())
     device = C.get_device(args.device)
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        C.fail(f"--out_dir={args.out_dir}: {e.strerror}")
     from data.formats import load_prompts
     from model import GPT, GPTConfig
     t0 = time.time()
-    sft = C.load_checkpoint(args.sft, "--sft checkpoint")
+    sft = C.load_checkpoint(args.sft, "--sft", kinds=("sft",))
     from tokenizer import Tokenizer
     tok = Tokenizer.from_dict(sft["tokenizer"])
     policy = GPT(GPTConfig(**{**sft["model_args"], "dropout": 0.0}))
     policy.load_state_dict(sft["model"])
     policy.to(device).eval()
     prompts = load_prompts(C.prepare_builtin(quiet=True)["prompts_val"])[:args.n_eval_prompts]
-    kl_coefs = [float(x) for x in args.kl_coefs.split(",")]
-    ns = [int(x) for x in args.bon_n.split(",")]
 
     rms = {"rm": args.rm}
     if args.big_rm:
         import train_rm
         big = os.path.join(args.out_dir, "rm_big")
         if not os.path.exists(os.path.join(big, "summary.json")):
-            train_rm.main([f"--init_from={args.sft}", f"--out_dir={big}", f"--n_prompts={args.big_rm_prompts}"])
+            train_rm.main([f"--init_from={args.sft}", f"--out_dir={big}", f"--n_prompts={args.big_rm_prompts}",
+                           "--overwrite=1"])  # an unfinished earlier attempt is redone
         rms["rm_big"] = os.path.join(big, "ckpt.pt")
 
     results = {}
     for name, rm_path in rms.items():
-        rm, mu, sigma = reward.load_reward_model(C.load_checkpoint(rm_path, "reward model"), device)
+        rm, mu, sigma = reward.load_reward_model(C.load_checkpoint(rm_path, "reward model", kinds=("rm",), complete=True), device)
         with open(os.path.join(os.path.dirname(rm_path), "summary.json")) as f:
             rm_summary = json.load(f)
         res = {"rm_val_accuracy_gold": rm_summary.get("val_accuracy_gold"),

@@ -278,7 +278,7 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
-def render_chat(tok: Tokenizer, messages, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+def render_chat(tok: Tokenizer, messages, max_tokens: int | None = None, cuts=None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and a same-length 0/1 mask of the tokens to learn from.
 
     user turn       encode("\\n\\nHuman: " + content)              mask 0
@@ -292,6 +292,8 @@ def render_chat(tok: Tokenizer, messages, max_tokens: int | None = None) -> tupl
 
     max_tokens: drop the oldest exchanges (a user turn and its reply) first, as InstructGPT/ChatGPT do for long
     conversations, always keeping the last one; if that alone is too long keep its last max_tokens tokens.
+    cuts: an optional collections.Counter that counts "turns_dropped" and "cut" (the last exchange cut short,
+    its start lost), so that a caller can say once per run how much of its data was shortened.
     """
     messages = check_messages(messages)
     exchanges = []  # one (ids, mask) per user turn + its assistant reply, or + the generation prompt
@@ -312,16 +314,20 @@ def render_chat(tok: Tokenizer, messages, max_tokens: int | None = None) -> tupl
         total = sum(len(ids) for ids, _ in exchanges)
         while len(exchanges) > 1 and total > max_tokens:
             total -= len(exchanges.pop(0)[0])
+            if cuts is not None:
+                cuts["turns_dropped"] += 1
     ids = [i for e, _ in exchanges for i in e]
     mask = [m for _, e in exchanges for m in e]
     if max_tokens is not None and len(ids) > max_tokens:
         ids, mask = ids[-max_tokens:], mask[-max_tokens:]  # left truncation: the end is what gets answered
+        if cuts is not None:
+            cuts["cut"] += 1
     return ids, mask
 
 
-def render_prompt(tok: Tokenizer, messages, max_tokens: int | None = None) -> list[int]:
+def render_prompt(tok: Tokenizer, messages, max_tokens: int | None = None, cuts=None) -> list[int]:
     """Ids of a conversation that ends with the user, followed by '\\n\\nAssistant:' for the model to continue."""
     messages = check_messages(messages)
     if messages[-1]["role"] != "user":
         raise ValueError("a prompt must end with a user turn, this one ends with the assistant")
-    return render_chat(tok, messages, max_tokens)[0]
+    return render_chat(tok, messages, max_tokens, cuts)[0]

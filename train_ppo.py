@@ -20,6 +20,8 @@ iteration), evals.json (held-out evaluations), samples_before.json / samples_aft
 
 import argparse
 import gc
+from collections import Counter
+import math
 import os
 import time
 
@@ -32,7 +34,7 @@ from model import GPT, GPTConfig, GPTScalar, logprobs_from_logits
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--init_from", default="out/sft/ckpt.pt", help="SFT checkpoint: the initial policy and the frozen reference")
     a("--reward_model", default="out/rm/ckpt.pt", help="reward-model checkpoint (also initialises the critic)")
@@ -41,61 +43,56 @@ def get_args(argv=None):
     a("--ptx_data", default="", help="PPO-ptx text: SFT-format JSONL; empty = the built-in task's SFT data")
     a("--out_dir", default="out/ppo")
     # the RL problem
-    a("--kl_coef", type=float, default=0.05, help="β: weight of the per-token KL penalty to the SFT model (initial "
+    a("--kl_coef", type=C.nonneg, default=0.05, help="β: weight of the per-token KL penalty to the SFT model (initial "
                                                  "value when adaptive)")
-    a("--target_kl", type=float, default=4.0, help="KL_target in nats per response for the adaptive controller "
-                                                  "(Ziegler et al.); 0 = keep β fixed")
-    a("--kl_horizon", type=int, default=400, help="controller horizon in episodes (Ziegler: 10000 for long runs)")
-    a("--missing_eos_penalty", type=float, default=-1.0, help="normalised score of a response without EOS")
-    a("--oracle", type=int, default=0, help="built-in task only, a diagnostic: 1 = optimise the gold labeler itself "
+    a("--target_kl", type=C.nonneg, default=4.0, help="KL_target in nats per response for the adaptive controller "
+                                                  "(Ziegler et al.), ≥ 0; 0 = keep β fixed")
+    a("--kl_horizon", type=C.count(), default=400, help="controller horizon in episodes (Ziegler: 10000 for long runs)")
+    a("--missing_eos_penalty", type=C.number(float), default=-1.0, help="normalised score of a response without EOS")
+    a("--oracle", type=C.flag01, default=0, help="built-in task only, a diagnostic: 1 = optimise the gold labeler itself "
                                            "(normalised on SFT samples) instead of the reward model")
-    a("--whiten_rewards", type=int, default=0, help="1: whiten the rewards (keeping their mean) before GAE")
-    a("--gamma", type=float, default=1.0, help="γ: discount")
-    a("--lam", type=float, default=0.95, help="λ: GAE parameter")
+    a("--whiten_rewards", type=C.flag01, default=0, help="1: whiten the rewards (keeping their mean) before GAE")
+    a("--gamma", type=C.unit, default=1.0, help="γ: discount")
+    a("--lam", type=C.unit, default=0.95, help="λ: GAE parameter")
     # PPO
     a("--policy_loss", default="clip", choices=["clip", "penalty"], help="clipped surrogate, or PPO's KL penalty")
-    a("--cliprange", type=float, default=0.2, help="ε of the clipped surrogate")
-    a("--penalty_beta", type=float, default=0.1, help="initial β of the PPO-penalty objective (halved/doubled)")
-    a("--penalty_target", type=float, default=0.01, help="d_targ: KL(π_old‖π_θ) the PPO-penalty β aims for")
-    a("--cliprange_value", type=float, default=0.2, help="ε_v of the clipped value loss")
-    a("--vf_coef", type=float, default=0.1, help="weight of the value loss")
-    a("--ppo_epochs", type=int, default=2, help="passes over each rollout batch (4 is common, InstructGPT used 1; "
+    a("--cliprange", type=C.positive, default=0.2, help="ε of the clipped surrogate")
+    a("--penalty_beta", type=C.positive, default=0.1, help="initial β of the PPO-penalty objective (halved/doubled)")
+    a("--penalty_target", type=C.positive, default=0.01, help="d_targ: KL(π_old‖π_θ) the PPO-penalty β aims for")
+    a("--cliprange_value", type=C.positive, default=0.2, help="ε_v of the clipped value loss")
+    a("--vf_coef", type=C.positive, default=0.1, help="weight of the value loss")
+    a("--ppo_epochs", type=C.count(), default=2, help="passes over each rollout batch (4 is common, InstructGPT used 1; "
                                               "here 2 reach the gold of 4 in 60%% of the time)")
-    a("--num_minibatches", type=int, default=4, help="minibatches per pass")
-    a("--batch_size", type=int, default=64, help="prompts (episodes) per rollout")
-    a("--iters", type=int, default=100, help="PPO iterations (rollout + update)")
-    a("--learning_rate", type=float, default=1e-4, help="policy learning rate, annealed linearly to 0")
-    a("--critic_learning_rate", type=float, default=5e-4, help="critic learning rate, annealed linearly to 0")
-    a("--adam_eps", type=float, default=1e-5, help="Adam ε (RLHF_DETAILS #30)")
-    a("--grad_clip", type=float, default=1.0)
-    a("--ptx_coef", type=float, default=0.0, help="PPO-ptx γ: weight of the LM loss on --ptx_data (0 = plain PPO)")
-    a("--ptx_batch_size", type=int, default=16, help="PPO-ptx sequences per minibatch")
+    a("--num_minibatches", type=C.count(), default=4, help="minibatches per pass")
+    a("--batch_size", type=C.count(), default=64, help="prompts (episodes) per rollout")
+    a("--iters", type=C.count(), default=100, help="PPO iterations (rollout + update)")
+    a("--learning_rate", type=C.positive, default=1e-4, help="policy learning rate, annealed linearly to 0")
+    a("--critic_learning_rate", type=C.positive, default=5e-4, help="critic learning rate, annealed linearly to 0")
+    a("--adam_eps", type=C.positive, default=1e-5, help="Adam ε (RLHF_DETAILS #30)")
+    a("--grad_clip", type=C.nonneg, default=1.0, help="clip each network's gradient norm (0 = off)")
+    a("--ptx_coef", type=C.nonneg, default=0.0, help="PPO-ptx γ: weight of the LM loss on --ptx_data (0 = plain PPO)")
+    a("--ptx_batch_size", type=C.count(), default=16, help="PPO-ptx sequences per minibatch")
     # sampling
-    a("--response_length", type=int, default=64, help="max new tokens per response")
-    a("--temperature", type=float, default=0.7, help="T: rollouts sample softmax(logits/T); every log-prob uses T")
+    a("--response_length", type=C.count(), default=64, help="max new tokens per response")
+    a("--temperature", type=C.positive, default=0.7, help="T > 0: rollouts sample softmax(logits/T); every log-prob uses T")
     # evaluation and logging
-    a("--eval_interval", type=int, default=20, help="iterations between held-out evaluations (and checkpoints)")
-    a("--n_eval_prompts", type=int, default=256)
-    a("--n_show", type=int, default=2, help="samples printed at each eval")
+    a("--eval_interval", type=C.count(), default=20, help="iterations between held-out evaluations (and checkpoints)")
+    a("--n_eval_prompts", type=C.count(), default=256, help="held-out prompts of each evaluation")
+    a("--n_show", type=C.count(0), default=2, help="samples printed at each eval")
     # system
     a("--device", default="auto")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 autocast on CUDA")
-    a("--compile", type=int, default=0, help="1: torch.compile the policy and critic forward of the update")
-    a("--threads", type=int, default=0)
+    a("--compile", type=C.flag01, default=0, help="1: torch.compile the policy and critic forward of the update")
+    a("--threads", type=C.count(0), default=0, help="torch CPU threads (0 = torch's default)")
     a("--seed", type=int, default=1337)
-    a("--resume", type=int, default=0, help="1: continue the run in --out_dir from its checkpoint")
-    a("--stop_after", type=int, default=0, help="stop after this many iterations of this session (simulates a kill)")
+    C.add_run_flags(a)
     args = p.parse_args(argv)
     if args.batch_size % args.num_minibatches:
         C.fail(f"--batch_size={args.batch_size} is not divisible by --num_minibatches={args.num_minibatches}")
-    if args.temperature <= 0:
-        C.fail("--temperature must be > 0: PPO needs the sampler's own probabilities")
     for flag in ("prompts", "eval_prompts", "ptx_data"):
         path = getattr(args, flag)
         if path and not os.path.isfile(path):
             C.fail(f"--{flag}={path}: no such file")
-    if args.iters < 1 or args.ppo_epochs < 1:
-        C.fail("--iters and --ppo_epochs must be ≥ 1")
     return args
 
 
@@ -106,8 +103,11 @@ def get_args(argv=None):
 def load_models(args, device):
     """Policy and frozen reference from the SFT checkpoint; frozen reward model and the critic from the RM one."""
     from tokenizer import Tokenizer
-    sft = C.load_checkpoint(args.init_from, "--init_from SFT checkpoint")
-    rm_ckpt = C.load_checkpoint(args.reward_model, "--reward_model checkpoint")
+    sft = C.load_checkpoint(args.init_from, "--init_from", kinds=("sft",))
+    rm_ckpt = C.load_checkpoint(args.reward_model, "--reward_model", kinds=("rm",), complete=True)
+    if not rm_ckpt.get("normalised", True):
+        print(f"note: --reward_model {args.reward_model} was trained with --n_norm=0: its scores are used raw "
+              f"(μ = 0, σ = 1), so β does not have its usual scale")
     if sft.get("tokenizer") != rm_ckpt.get("tokenizer"):
         C.fail(f"{args.init_from} and {args.reward_model} were trained with different tokenizers")
     tok = Tokenizer.from_dict(sft["tokenizer"])
@@ -259,8 +259,8 @@ def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, g
             opt_policy.zero_grad(set_to_none=True)
             opt_critic.zero_grad(set_to_none=True)
             (loss + args.vf_coef * vf_loss).backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip, foreach=True)
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip, foreach=True)
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf, foreach=True)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or math.inf, foreach=True)
             opt_policy.step()
             opt_critic.step()
             row = {"ppo/policy/approxkl": pg["approxkl"], "ppo/policy/clipfrac": pg["clipfrac"],
@@ -345,7 +345,10 @@ def main(argv=None):
         C.fail(str(e))
     max_prompt = policy.config.block_size - args.response_length
     train_requests = [m[-1]["content"] for m in train_prompts]
-    train_prompts = [render_prompt(tok, m, max_tokens=max_prompt) for m in train_prompts]
+    cuts = Counter()
+    train_prompts = [render_prompt(tok, m, max_tokens=max_prompt, cuts=cuts) for m in train_prompts]
+    if master:
+        C.report_cuts(args.prompts or "the built-in prompts", cuts, len(train_prompts), max_prompt)
     if args.oracle and (not builtin or world > 1):
         C.fail("--oracle=1 needs the built-in task (its gold labeler) and a single process")
     if master:
@@ -370,7 +373,7 @@ def main(argv=None):
     start_it, before, evals = 0, None, []
     log = None
     if args.resume:
-        ck = C.load_checkpoint(ckpt_path, "--resume checkpoint")
+        ck = C.load_checkpoint(ckpt_path, "--resume", kinds=("ppo",))
         policy.load_state_dict(ck["policy"])
         critic.load_state_dict(ck["critic"])
         opt_policy.load_state_dict(ck["opt_policy"])
@@ -390,7 +393,7 @@ def main(argv=None):
             "model_args": C.model_args(policy), "opt_policy": opt_policy.state_dict(),
             "opt_critic": opt_critic.state_dict(), "kl_ctl": kl_ctl.state_dict(), "penalty_beta": penalty_beta,
             "iter": it, "before": before, "evals": evals, "args": vars(args), "tokenizer": tok.to_dict(),
-            "rng": C.rng_state(gen, cpu_gen), "mu": mu, "sigma": sigma})
+            "rng": C.rng_state(gen, cpu_gen), "mu": mu, "sigma": sigma, "complete": it == args.iters})
 
     def run_eval(it):
         ev = evaluate_policy(policy, ref, rm, mu, sigma, tok, eval_prompts, args, device, dtype, args.seed + 2,

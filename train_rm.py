@@ -35,47 +35,42 @@ from model import GPT, GPTConfig, GPTScalar, right_pad
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", default="", help="preference JSONL (pairs or K-way rankings); empty = collect on the built-in task")
     a("--val_data", default="", help="held-out preferences; empty = built-in held-out collection, or 5%% of --data")
     a("--init_from", default="out/sft/ckpt.pt", help="SFT checkpoint: the trunk, the tokenizer and the sampler")
     a("--out_dir", default="out/rm")
     # collection on the built-in task (InstructGPT's pipeline)
-    a("--n_prompts", type=int, default=8000, help="built-in: train prompts to collect comparisons on")
-    a("--n_val_prompts", type=int, default=300, help="built-in: held-out prompts to collect comparisons on")
-    a("--K", type=int, default=4, help="built-in: responses ranked per prompt (InstructGPT: 4 ≤ K ≤ 9)")
-    a("--label_temperature", type=float, default=1.0, help="built-in: the noisy labeler's Plackett–Luce temperature")
-    a("--max_new_tokens", type=int, default=64, help="response length limit when sampling")
-    a("--temperature", type=float, default=0.7, help="sampling temperature T (the same T as PPO will use)")
-    a("--recollect", type=int, default=0, help="1: collect again even if the comparison files exist")
+    a("--n_prompts", type=C.count(), default=8000, help="built-in: train prompts to collect comparisons on")
+    a("--n_val_prompts", type=C.count(), default=300, help="built-in: held-out prompts to collect comparisons on")
+    a("--K", type=C.count(2), default=4, help="built-in: responses ranked per prompt, at least 2 (InstructGPT: 4 ≤ K ≤ 9)")
+    a("--label_temperature", type=C.positive, default=1.0, help="built-in: the noisy labeler's Plackett–Luce temperature")
+    a("--max_new_tokens", type=C.count(), default=64, help="response length limit when sampling")
+    a("--temperature", type=C.positive, default=0.7, help="sampling temperature T (the same T as PPO will use)")
+    a("--recollect", type=C.flag01, default=0, help="1: collect again even if the comparison files exist")
     # optimisation
-    a("--batch_size", type=int, default=8, help="prompts per step (each with its K responses)")
-    a("--epochs", type=float, default=1.0, help="passes over the training comparisons (about 1: RLHF_DETAILS #12)")
-    a("--learning_rate", type=float, default=5e-4, help="peak learning rate")
-    a("--min_lr", type=float, default=0.0)
-    a("--warmup_iters", type=int, default=10)
-    a("--weight_decay", type=float, default=0.0)
-    a("--dropout", type=float, default=0.0, help="dropout while training the reward model (off when it scores)")
-    a("--grad_clip", type=float, default=1.0)
-    a("--max_tokens", type=int, default=0, help="truncate prompt+response to this many tokens (0 = block_size)")
+    a("--batch_size", type=C.count(), default=8, help="prompts per step (each with its K responses)")
+    a("--epochs", type=C.positive, default=1.0, help="passes over the training comparisons (about 1: RLHF_DETAILS #12)")
+    a("--learning_rate", type=C.positive, default=5e-4, help="peak learning rate")
+    a("--min_lr", type=C.nonneg, default=0.0)
+    a("--warmup_iters", type=C.count(0), default=10)
+    a("--weight_decay", type=C.nonneg, default=0.0)
+    a("--dropout", type=C.number(float, 0, 1, hi_open=True), default=0.0, help="dropout while training the reward model (off when it scores)")
+    a("--grad_clip", type=C.nonneg, default=1.0)
+    a("--max_tokens", type=C.count(0), default=0, help="truncate prompt+response to this many tokens (0 = block_size)")
     # evaluation and normalisation
-    a("--eval_interval", type=int, default=200, help="steps between held-out evaluations (and checkpoints)")
-    a("--n_norm", type=int, default=512, help="SFT samples used to measure the normalisation μ, σ (0 = skip)")
-    a("--log_interval", type=int, default=10)
+    a("--eval_interval", type=C.count(), default=200, help="steps between held-out evaluations (and checkpoints)")
+    a("--n_norm", type=C.count(0), default=512, help="SFT samples used to measure the normalisation μ, σ (0 = skip)")
+    a("--log_interval", type=C.count(), default=10)
     # system
     a("--device", default="auto")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    a("--compile", type=int, default=0, help="1: torch.compile the reward model")
-    a("--threads", type=int, default=0)
+    a("--compile", type=C.flag01, default=0, help="1: torch.compile the reward model")
+    a("--threads", type=C.count(0), default=0)
     a("--seed", type=int, default=1337)
-    a("--resume", type=int, default=0, help="1: continue the run in --out_dir from its checkpoint")
-    a("--stop_after", type=int, default=0, help="stop after this many steps of this session (simulates a kill)")
+    C.add_run_flags(a)
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.epochs <= 0:
-        C.fail("--batch_size must be ≥ 1 and --epochs > 0")
-    if args.K < 2:
-        C.fail(f"--K={args.K}: a ranking needs at least 2 responses")
     for flag in ("data", "val_data"):
         path = getattr(args, flag)
         if path and not os.path.isfile(path):
@@ -152,17 +147,42 @@ def builtin_comparisons(args, policy, tok, device, dtype):
 # tokenised comparisons
 
 
+def drop_ties(items, where):
+    """A response that is the same text as a better-ranked one carries no preference (its pairs only add ln 2 to
+    the loss and count as errors in the accuracy): it is dropped, and so is a prompt left with fewer than 2."""
+    out, dup = [], 0
+    for it in items:
+        seen = []
+        for r in it["responses"]:  # best first: the first copy keeps its rank
+            if r in seen:
+                dup += 1
+            else:
+                seen.append(r)
+        if len(seen) >= 2:
+            out.append({**it, "responses": seen})
+    if dup:
+        print(f"note: {where}: {dup} responses were the same text as a better-ranked one and were dropped "
+              f"({len(items) - len(out)} prompts left without a pair)")
+    if not out:
+        C.fail(f"{where}: no comparison left with two different responses")
+    return out
+
+
 class Comparisons:
     """Each item: K token sequences (prompt + response + EOS), best first. A batch flattens the items' responses
     into one right-padded (ΣK, T) tensor, so the whole batch goes through the model in one forward pass."""
 
     def __init__(self, items, tok, max_tokens, where):
+        from collections import Counter
+
         from tokenizer import render_chat
         self.items = []
+        cuts = Counter()
         for it in items:
-            seqs = [render_chat(tok, it["prompt"] + [{"role": "assistant", "content": r}], max_tokens)[0]
+            seqs = [render_chat(tok, it["prompt"] + [{"role": "assistant", "content": r}], max_tokens, cuts)[0]
                     for r in it["responses"]]
             self.items.append(seqs)
+        C.report_cuts(where, cuts, sum(len(s) for s in self.items), max_tokens)
         if not self.items:
             C.fail(f"{where}: no comparisons")
         self.n_pairs = sum(math.comb(len(s), 2) for s in self.items)
@@ -292,7 +312,7 @@ def main(argv=None):
     t_start = time.time()
 
     # the SFT policy: the trunk to start from, the tokenizer, and the sampler for collection and normalisation
-    sft = C.load_checkpoint(args.init_from, "--init_from SFT checkpoint")
+    sft = C.load_checkpoint(args.init_from, "--init_from", kinds=("sft",))
     tok = Tokenizer.from_dict(sft["tokenizer"])
     policy = GPT(GPTConfig(**sft["model_args"]))
     policy.load_state_dict(sft["model"])
@@ -313,10 +333,14 @@ def main(argv=None):
         if val_path:
             val_items = load_preferences(val_path)
         else:  # hold out the first 5%
+            if len(train_items) < 2:
+                C.fail(f"{train_path}: its only record would go to the held-out split (5% of --data, at least one "
+                       "record), leaving nothing to train on: give more data, or --val_data")
             cut = max(1, len(train_items) // 20)
             train_items, val_items = train_items[cut:], train_items[:cut]
     except DataError as e:
         C.fail(str(e))
+    train_items, val_items = drop_ties(train_items, train_path), drop_ties(val_items, val_path or train_path)
     raw_val = None
     if builtin:  # the gold labeler reads each held-out response's text, in label order
         raw_val = [{"request": it["prompt"][-1]["content"], "responses": it["responses"]} for it in val_items]
@@ -339,7 +363,7 @@ def main(argv=None):
     order = train.epoch_order(global_batch, data_gen)
     start_iter = 0
     if args.resume:
-        ck = C.load_checkpoint(ckpt_path, "--resume checkpoint")
+        ck = C.load_checkpoint(ckpt_path, "--resume", kinds=("rm",))
         rm.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         C.set_rng_state(ck["rng"], data_gen)
@@ -350,12 +374,13 @@ def main(argv=None):
     fwd = torch.compile(fwd) if args.compile else fwd
 
     def save(it, extra=None):
+        """extra: the normalisation, which makes it the finished reward model ("complete") that PPO accepts."""
         if not master:
             return
         C.save_checkpoint(ckpt_path, {
             "stage": "rm", "model": rm.state_dict(), "model_args": C.model_args(rm), "optimizer": optimizer.state_dict(),
             "iter": it, "order": order, "args": vars(args), "tokenizer": tok.to_dict(), "rng": C.rng_state(data_gen),
-            **(extra or {})})
+            "complete": extra is not None, **(extra or {})})
 
     t_loop, steps_done = time.time(), 0
     for it in range(start_iter, max_iters):
@@ -404,6 +429,8 @@ def main(argv=None):
             print("accuracy against gold on the pairs where a term of the gold formula differs: " +
                   ", ".join(f"{t} {v['accuracy']:.3f} ({v['pairs']})" for t, v in by_term.items()))
             final["val_accuracy_gold_by_term"] = by_term
+        # the trained weights are kept before anything else can fail (the normalisation samples, the summary)
+        save(max_iters)
     mu, sigma = 0.0, 1.0
     summary = {**final, "seconds": 0.0, "iters": max_iters, "train_prompts": len(train.items),
                "train_pairs": train.n_pairs}
@@ -419,6 +446,10 @@ def main(argv=None):
             norm_prompts, check_prompts = allp[:args.n_norm], allp[args.n_norm:2 * args.n_norm]
         mu, sigma = measure_normalisation(rm, policy, tok, norm_prompts, args.max_new_tokens, args.temperature,
                                           args.seed + 3, device, dtype, rank, world)
+        if not sigma > 1e-6:  # every sample scored the same: (r − μ)/σ would divide by zero
+            C.fail(f"normalisation: the reward model gave the same score ({mu:.6g}) to all the SFT policy's samples "
+                   f"(σ = {sigma:.3g}); the trained weights are kept in {ckpt_path} but are not usable for PPO "
+                   "(a degenerate reward model: more data or another learning rate)")
         summary.update({"reward_mean": mu, "reward_std": sigma})
         if check_prompts:  # fresh samples on other prompts: normalised, they should score mean 0, std 1
             m2, s2 = measure_normalisation(rm, policy, tok, check_prompts, args.max_new_tokens, args.temperature,
@@ -426,7 +457,7 @@ def main(argv=None):
             summary.update({"normalised_check_mean": (m2 - mu) / sigma, "normalised_check_std": s2 / sigma})
     if not master:
         return C.finish_distributed(world)
-    save(max_iters, {"mu": mu, "sigma": sigma})
+    save(max_iters, {"mu": mu, "sigma": sigma, "normalised": args.n_norm > 0})
     summary["seconds"] = time.time() - t_start
     C.write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print("summary: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()

@@ -29,7 +29,7 @@ from model import GPT, GPTConfig
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # data
     a("--data", default="", help="training data: chat .jsonl[.gz] or plain .txt; empty = the built-in task")
@@ -39,47 +39,46 @@ def get_args(argv=None):
     a("--init_from", default="scratch", help="scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | path/to/ckpt.pt")
     a("--out_dir", default="out/sft", help="run folder (checkpoint, logs, summary)")
     # model, when training from scratch (a checkpoint or GPT-2 brings its own)
-    a("--n_layer", type=int, default=4)
-    a("--n_head", type=int, default=4)
-    a("--n_embd", type=int, default=128)
-    a("--block_size", type=int, default=0, help="context length in tokens (0 = 256 from scratch, else the "
+    a("--n_layer", type=C.count(), default=4)
+    a("--n_head", type=C.count(), default=4)
+    a("--n_embd", type=C.count(), default=128)
+    a("--block_size", type=C.count(0), default=0, help="context length in tokens (0 = 256 from scratch, else the "
                                                "checkpoint's; smaller crops the training sequences)")
-    a("--dropout", type=float, default=0.0)
+    a("--dropout", type=C.number(float, 0, 1, hi_open=True), default=0.0)
     a("--attn_impl", default="sdpa", choices=["sdpa", "explicit"])
     # optimisation
-    a("--batch_size", type=int, default=64, help="sequences per micro-batch")
-    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--max_iters", type=int, default=800, help="optimizer steps")
-    a("--learning_rate", type=float, default=4e-3, help="peak learning rate")
-    a("--min_lr", type=float, default=1e-4, help="learning rate at the end of the decay")
-    a("--warmup_iters", type=int, default=50)
+    a("--batch_size", type=C.count(), default=64, help="sequences per micro-batch")
+    a("--grad_accum", type=C.count(), default=1, help="micro-batches per optimizer step")
+    a("--max_iters", type=C.count(), default=800, help="optimizer steps")
+    a("--learning_rate", type=C.positive, default=4e-3, help="peak learning rate")
+    a("--min_lr", type=C.nonneg, default=1e-4, help="learning rate at the end of the decay")
+    a("--warmup_iters", type=C.count(0), default=50)
     a("--decay", default="cosine", choices=["cosine", "linear", "constant"])
-    a("--weight_decay", type=float, default=0.1)
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
-    a("--grad_clip", type=float, default=1.0, help="clip the gradient's global norm (0 = off)")
+    a("--weight_decay", type=C.nonneg, default=0.1)
+    a("--beta1", type=C.number(float, 0, 1, hi_open=True), default=0.9)
+    a("--beta2", type=C.number(float, 0, 1, hi_open=True), default=0.95)
+    a("--grad_clip", type=C.nonneg, default=1.0, help="clip the gradient's global norm (0 = off)")
     # evaluation and logging
-    a("--eval_interval", type=int, default=400, help="steps between evaluations (and checkpoints)")
-    a("--eval_iters", type=int, default=10, help="held-out batches per evaluation")
-    a("--log_interval", type=int, default=10, help="steps between printed lines (log.jsonl gets every step)")
-    a("--n_eval_prompts", type=int, default=256, help="built-in task: held-out prompts sampled at each eval")
-    a("--n_show", type=int, default=2, help="samples printed at each eval")
-    a("--max_new_tokens", type=int, default=64, help="response length limit when sampling")
-    a("--temperature", type=float, default=0.7, help="sampling temperature T of the eval samples (the same T "
+    a("--eval_interval", type=C.count(), default=400, help="steps between evaluations (and checkpoints)")
+    a("--eval_iters", type=C.count(), default=10, help="held-out batches per evaluation")
+    a("--log_interval", type=C.count(), default=10, help="steps between printed lines (log.jsonl gets every step)")
+    a("--n_eval_prompts", type=C.count(), default=256, help="built-in task: held-out prompts sampled at each eval")
+    a("--n_show", type=C.count(0), default=2, help="samples printed at each eval")
+    a("--max_new_tokens", type=C.count(), default=64, help="response length limit when sampling")
+    a("--temperature", type=C.positive, default=0.7, help="sampling temperature T of the eval samples (the same T "
                                                         "as the RM collection and PPO)")
     # system
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 on CUDA")
-    a("--compile", type=int, default=0, help="1: torch.compile the model")
-    a("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    a("--compile", type=C.flag01, default=0, help="1: torch.compile the model")
+    a("--threads", type=C.count(0), default=0, help="torch CPU threads (0 = torch's default)")
     a("--seed", type=int, default=1337)
-    a("--resume", type=int, default=0, help="1: continue the run in --out_dir from its checkpoint")
-    a("--stop_after", type=int, default=0, help="stop after this many steps of this session (simulates a kill)")
+    C.add_run_flags(a)
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.grad_accum < 1 or args.max_iters < 1:
-        C.fail("--batch_size, --grad_accum and --max_iters must be ≥ 1")
-    if args.eval_interval < 1:
-        C.fail("--eval_interval must be ≥ 1")
+    if args.n_embd % args.n_head:
+        C.fail(f"--n_embd={args.n_embd} is not divisible by --n_head={args.n_head}")
+    if args.min_lr > args.learning_rate:
+        C.fail(f"--min_lr={args.min_lr} is above --learning_rate={args.learning_rate}")
     for flag in ("data", "val_data"):
         path = getattr(args, flag)
         if path and not os.path.isfile(path):
@@ -104,12 +103,19 @@ class ChatData:
     bucket = 8
 
     def __init__(self, conversations, tok, block_size, where):
+        from collections import Counter
+
         from tokenizer import render_chat
         self.examples = []
+        cuts = Counter()
         for messages in conversations:
-            ids, mask = render_chat(tok, messages, max_tokens=block_size + 1)
+            ids, mask = render_chat(tok, messages, max_tokens=block_size + 1, cuts=cuts)
             if sum(mask[1:]) > 0:
                 self.examples.append((ids, mask))
+        C.report_cuts(where, cuts, len(conversations), block_size + 1)
+        if len(self.examples) < len(conversations):
+            print(f"note: {where}: {len(conversations) - len(self.examples)} conversations dropped: nothing of an "
+                  f"assistant turn is left to learn from within {block_size + 1} tokens")
         if not self.examples:
             C.fail(f"{where}: no conversation with an assistant turn to learn from")
         self.n_tokens = sum(len(ids) for ids, _ in self.examples)
@@ -152,6 +158,18 @@ class TextData:
         return w[:, :-1].to(device), w[:, 1:].to(device)
 
 
+def read_text(path):
+    """A plain-text file's contents; bytes that are not UTF-8 are one line naming the file and the offset."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        C.fail(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): a binary file, or "
+               "another encoding?")
+
+
 def load_data(args, tok, block_size):
     """(train, val) datasets for the flags, plus the built-in task's held-out prompts (or None)."""
     from data.formats import DataError, load_prompts, load_sft
@@ -162,11 +180,9 @@ def load_data(args, tok, block_size):
         train_path, val_path = builtin["sft_train"], builtin["sft_val"]
     try:
         if train_path.endswith(".txt"):
-            with open(train_path, encoding="utf-8") as f:
-                tokens = tok.encode(f.read())
+            tokens = tok.encode(read_text(train_path))
             if val_path:
-                with open(val_path, encoding="utf-8") as f:
-                    val_tokens = tok.encode(f.read())
+                val_tokens = tok.encode(read_text(val_path))
             else:  # the last 5% of the text is held out
                 cut = int(len(tokens) * 0.95)
                 tokens, val_tokens = tokens[:cut], tokens[cut:]
@@ -175,6 +191,9 @@ def load_data(args, tok, block_size):
         if val_path:
             val_convs = load_sft(val_path)
         else:
+            if len(convs) < 2:
+                C.fail(f"{train_path}: its only record would go to the held-out split (5% of --data, at least one "
+                       "record), leaving nothing to train on: give more data, or --val_data")
             cut = max(1, int(len(convs) * 0.05))
             convs, val_convs = convs[cut:], convs[:cut]
         prompts = load_prompts(builtin["prompts_val"]) if builtin else None
@@ -200,11 +219,15 @@ def build_model(args, tok, device):
             C.fail(f"--init_from={args.init_from} needs --tokenizer=gpt2")
         model = GPT.from_pretrained(args.init_from, dropout=args.dropout)
     else:
-        ckpt = C.load_checkpoint(args.init_from, "--init_from checkpoint")
+        what = "--resume" if args.resume else "--init_from"
+        ckpt = C.load_checkpoint(args.init_from, what, kinds=("sft",))
         model = GPT(GPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         if tok is None:
             tok = Tokenizer.from_dict(ckpt["tokenizer"])
+        elif tok.to_dict() != ckpt["tokenizer"]:  # the model's ids mean other strings under another tokenizer
+            C.fail(f"--tokenizer={args.tokenizer} is not the tokenizer {args.init_from} was trained with "
+                   f"({ckpt['tokenizer'].get('name')}): leave --tokenizer empty to use the checkpoint's")
     if tok.vocab_size > model.config.vocab_size + 1:  # PAD (the last id) may lie outside the model's vocabulary
         C.fail(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
     return model.to(device), tok
@@ -268,10 +291,8 @@ def main(argv=None):
 
     resume_ckpt = None
     if args.resume:
-        resume_ckpt = C.load_checkpoint(ckpt_path, "--resume checkpoint")
-        if resume_ckpt.get("stage") != "sft":
-            C.fail(f"{ckpt_path} is not an SFT checkpoint")
-        args.init_from = ckpt_path  # rebuild the model from it; its tokenizer too
+        resume_ckpt = C.load_checkpoint(ckpt_path, "--resume", kinds=("sft",))
+        args.init_from, args.tokenizer = ckpt_path, ""  # rebuild the model from it; its tokenizer too
     tok = pick_tokenizer(args)
     model, tok = build_model(args, tok, device)
     block_size = model.config.block_size
@@ -302,7 +323,7 @@ def main(argv=None):
         C.save_checkpoint(ckpt_path, {
             "stage": "sft", "model": model.state_dict(), "model_args": C.model_args(model),
             "optimizer": optimizer.state_dict(), "iter": it, "args": vars(args), "tokenizer": tok.to_dict(),
-            "rng": C.rng_state()})
+            "rng": C.rng_state(), "complete": it == args.max_iters})
 
     model.train()
     t_loop, steps_done = time.time(), 0

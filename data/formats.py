@@ -32,6 +32,7 @@ Command: none, this is a library imported by the train_*.py scripts and the data
 import gzip
 import json
 import os
+import zlib
 
 from tokenizer import ASSISTANT, HUMAN, check_messages, parse_hh
 
@@ -43,25 +44,44 @@ class DataError(ValueError):
 # ------------------------------------------------------------------------------------------------------------
 # Reading and writing JSONL
 
-def _open(path, mode):
-    return gzip.open(path, mode, encoding="utf-8") if path.endswith(".gz") else open(path, mode, encoding="utf-8")
+MAX_LINE_BYTES = 16 << 20  # a longer "line" is a binary or corrupt file, not a record: refused, not read whole
 
 
 def read_jsonl(path):
-    """Yield (line number, object) for each non-blank line; DataError on a missing file or a bad line."""
+    """Yield (line number, object) for each non-blank line; DataError("path:line: reason") on a missing file, a
+    truncated or corrupt .gz, bytes that are not UTF-8, an over-long line, bad JSON or a line that is not an object.
+    Lines are read as bytes and decoded one by one, so a decoding error names its own line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with _open(path, "rt") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(obj).__name__}")
-            yield lineno, obj
+    lineno = 0
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            while True:
+                raw = f.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    break
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(f"{path}:{lineno}: a line of over {MAX_LINE_BYTES >> 20} MB: not a JSONL file?")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                    f"{e.start + 1}): a binary file, or another encoding?") from None
+                if not line.strip():
+                    continue
+                if "\x00" in line:
+                    raise DataError(f"{path}:{lineno}: a NUL byte: a binary file, not JSONL")
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(obj).__name__}")
+                yield lineno, obj
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut-off .gz is an EOFError
+        what = "a truncated or corrupt gzip file" if path.endswith(".gz") else "could not be read"
+        raise DataError(f"{path}:{lineno + 1}: {what} ({type(e).__name__}: {str(e) or 'unexpected end'})") from None
 
 
 def write_jsonl(path, rows) -> int:
@@ -84,6 +104,8 @@ def _load(path, parse):
             out.append(parse(obj))
         except ValueError as e:
             raise DataError(f"{path}:{lineno}: {e}") from None
+    if not out:
+        raise DataError(f"{path}: no records (an empty file?)")
     return out
 
 

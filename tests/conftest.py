@@ -29,3 +29,13 @@ def randomize_(model, seed):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model.eval()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """The chained tiny SFT -> RM -> PPO run (tests/runs.py), built once and shared by every test file."""
+    import runs
+    return runs.make_chain(tmp_path_factory.mktemp("chain"))

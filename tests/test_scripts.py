@@ -9,9 +9,6 @@ data/minichat/ (gitignored, deterministic).
 
     python -m pytest -q tests/test_scripts.py
 """
-import contextlib
-import gc
-import io
 import json
 import importlib.util
 import math
@@ -26,27 +23,13 @@ import common as C
 import train_ppo
 import train_rm
 import train_sft
+from runs import (PPO_CHAIN, RM_CHAIN, SFT_CHAIN, SFT_TINY, finite, ok, read_json, read_jsonl,  # noqa: F401
+                  run_main, run_script, step_rows)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The smoke chain's SFT stage trains long enough (300 tiny steps, ~2 s) that its samples end with EOS: the built-in
-# comparison collection keeps only responses that ended, so a 6-step SFT model yields "no comparisons" and RM stops.
-SFT_TINY = ["--batch_size=8", "--n_layer=1", "--n_head=2", "--n_embd=32", "--eval_iters=2", "--n_eval_prompts=8",
-            "--n_show=0", "--threads=1"]
-SFT_CHAIN = SFT_TINY + ["--max_iters=300", "--eval_interval=150", "--learning_rate=1e-2", "--warmup_iters=5",
-                        "--log_interval=100"]
-RM_CHAIN = ["--n_prompts=24", "--n_val_prompts=8", "--K=3", "--batch_size=4", "--n_norm=16", "--eval_interval=3",
-            "--threads=1"]
-PPO_CHAIN = ["--iters=3", "--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--response_length=16",
-             "--n_eval_prompts=8", "--eval_interval=2", "--n_show=0", "--threads=1"]
-
 PPO_LOG_KEYS = ["objective/kl", "objective/scores", "objective/kl_coef", "objective/entropy", "ppo/policy/approxkl",
                 "ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/val/var_explained", "ppo/returns/mean"]
-TIMING_KEYS = {"ms", "time/rollout", "time/update", "tokens_per_s"}  # wall-clock figures: never reproducible
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# helpers
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,70 +41,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run_script(script, *flags):
-    """`python <script> flags...` from the repo root; returns the CompletedProcess (text stdout/stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def run_main(module, argv):
-    """module.main(argv) in this process -> (exit code, stdout, stderr). C.fail's sys.exit(2) becomes the code;
-    any other exception propagates (a traceback is a failure). Torch's thread count and the garbage collector
-    are put back as they were (main may set the first, train_ppo freezes the second)."""
-    threads = torch.get_num_threads()
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            module.main(argv)
-    except SystemExit as e:
-        code = e.code
-    finally:
-        torch.set_num_threads(threads)
-        gc.unfreeze()
-    return code, out.getvalue(), err.getvalue()
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def finite(x):
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def step_rows(path):
-    """The per-step rows of a run's log.jsonl (not the eval rows), timing figures dropped, in file order."""
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_jsonl(path)
-            if "loss" in r or "objective/scores" in r]
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# 1. the chained smoke run: SFT -> RM -> PPO as subprocesses, once per module
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chain")
-    sft, rm, ppo_dir = str(d / "sft"), str(d / "rm"), str(d / "ppo")
-    procs = {"sft": ok(run_script("train_sft.py", *SFT_CHAIN, f"--out_dir={sft}"))}
-    procs["rm"] = ok(run_script("train_rm.py", f"--init_from={sft}/ckpt.pt", *RM_CHAIN, f"--out_dir={rm}"))
-    procs["ppo"] = ok(run_script("train_ppo.py", f"--init_from={sft}/ckpt.pt", f"--reward_model={rm}/ckpt.pt",
-                                 *PPO_CHAIN, f"--out_dir={ppo_dir}"))
-    return {"dir": d, "sft": sft, "rm": rm, "ppo": ppo_dir, "sft_ckpt": f"{sft}/ckpt.pt", "rm_ckpt": f"{rm}/ckpt.pt",
-            "procs": procs}
+# 1. the chained smoke run (tests/runs.py, built once per session by conftest.py)
 
 
 def test_sft_smoke_contract(chain):
@@ -135,7 +56,7 @@ def test_sft_smoke_contract(chain):
     rows = read_jsonl(os.path.join(chain["sft"], "log.jsonl"))
     assert [r["step"] for r in rows if "loss" in r] == list(range(300))
     assert [r["step"] for r in rows if "val_loss" in r] == [150, 300]
-    ck = torch.load(chain["sft_ckpt"], map_location="cpu", weights_only=False)
+    ck = torch.load(chain["sft_ckpt"], map_location="cpu", weights_only=True)
     assert ck["stage"] == "sft" and ck["iter"] == 300 and ck["model_args"]["n_embd"] == 32
     assert "summary: val_loss" in chain["procs"]["sft"].stdout
 
@@ -160,7 +81,7 @@ def test_rm_smoke_contract(chain):
             assert 2 <= len(it["responses"]) <= 3 and it["prompt"][-1]["role"] == "user", it
         raw = read_jsonl(path)
         assert all(sorted(r["ranking"]) == list(range(len(r["responses"]))) for r in raw)
-    ck = torch.load(chain["rm_ckpt"], map_location="cpu", weights_only=False)
+    ck = torch.load(chain["rm_ckpt"], map_location="cpu", weights_only=True)
     assert ck["stage"] == "rm" and "head.weight" in ck["model"]
     assert ck["mu"] == s["reward_mean"] and ck["sigma"] == s["reward_std"], (ck["mu"], ck["sigma"], s)
     assert ck["iter"] == s["iters"] == 6  # one epoch of 24 prompts at 4 per step
@@ -184,8 +105,8 @@ def test_ppo_smoke_contract(chain):
     evals = read_json(os.path.join(chain["ppo"], "evals.json"))
     assert [e["iter"] for e in evals] == [0, 2, 3]
     assert evals[0]["score"] == s["score_before"] and evals[-1]["score"] == s["score_after"]
-    ck = torch.load(os.path.join(chain["ppo"], "ckpt.pt"), map_location="cpu", weights_only=False)
-    rm_ck = torch.load(chain["rm_ckpt"], map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(chain["ppo"], "ckpt.pt"), map_location="cpu", weights_only=True)
+    rm_ck = torch.load(chain["rm_ckpt"], map_location="cpu", weights_only=True)
     assert ck["stage"] == "ppo" and ck["iter"] == 3
     assert (ck["mu"], ck["sigma"]) == (rm_ck["mu"], rm_ck["sigma"])
     for name in ("samples_before.json", "samples_after.json"):
@@ -223,7 +144,7 @@ def test_sft_resume_equals_uninterrupted(tmp_path):
     ev_a = [r for r in read_jsonl(os.path.join(a, "log.jsonl")) if "val_loss" in r]
     ev_b = [r for r in read_jsonl(os.path.join(b, "log.jsonl")) if "val_loss" in r]
     assert ev_a == ev_b and [r["step"] for r in ev_a] == [4, 8]
-    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["model"] for d in (a, b))
+    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)["model"] for d in (a, b))
     assert all(torch.equal(sa[k], sb[k]) for k in sa), "final weights differ after resume"
 
 
@@ -238,7 +159,7 @@ def test_rm_resume_equals_uninterrupted(chain, tmp_path):
     assert n_train == 24, f"the fixture collected {n_train} comparisons, this test assumes 24 (6 steps an epoch)"
     a, b = check_resume(train_rm, flags, tmp_path, n_steps=18, stop_after=8)
     assert len({r["loss"] for r in step_rows(os.path.join(a, "log.jsonl"))}) == 18
-    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["model"] for d in (a, b))
+    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)["model"] for d in (a, b))
     assert all(torch.equal(sa[k], sb[k]) for k in sa), "final weights differ after resume"
 
 
@@ -251,7 +172,7 @@ def test_ppo_resume_equals_uninterrupted(chain, tmp_path):
     assert [e["iter"] for e in ev_a] == [0, 2, 4] and ev_a == ev_b
     rows = step_rows(os.path.join(a, "log.jsonl"))
     assert len({r["ppo/loss/policy"] for r in rows}) == 4 and len({r["objective/scores"] for r in rows}) > 1
-    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False) for d in (a, b))
+    sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (a, b))
     for net in ("policy", "critic"):
         assert all(torch.equal(sa[net][k], sb[net][k]) for k in sa[net]), f"final {net} differs after resume"
     assert read_json(os.path.join(a, "summary.json"))["score_after"] == read_json(os.path.join(b, "summary.json"))["score_after"]
@@ -339,7 +260,7 @@ BAD_CASES = [
     ("rm_bad_json_line", "rm", ["--init_from={sft}", "--data={bad_json}"], ["{bad_json}:2:", "bad JSON"]),
     ("rm_bad_record_line", "rm", ["--init_from={sft}", "--data={bad_pref}"], ["{bad_pref}:3:", "rejected"]),
     ("sft_bad_record_line", "sft", ["--init_from={sft}", "--data={bad_sft}"], ["{bad_sft}:2:"]),
-    ("K_1", "rm", ["--init_from={sft}", "--K=1"], ["--K=1", "at least 2"]),
+    ("K_1", "rm", ["--init_from={sft}", "--K=1"], ["argument --K", "≥ 2, got 1"]),
     ("response_length_too_long", "ppo", ["--init_from={sft}", "--reward_model={rm}", "--response_length=250"],
      ["--response_length=250", "block_size=256"]),
 ]
@@ -390,7 +311,7 @@ def ppo_setup(args):
 def ppo_prompts(chain):
     from data.formats import load_prompts
     from tokenizer import Tokenizer, render_prompt
-    tok = Tokenizer.from_dict(torch.load(chain["sft_ckpt"], weights_only=False)["tokenizer"])
+    tok = Tokenizer.from_dict(torch.load(chain["sft_ckpt"], weights_only=True)["tokenizer"])
     prompts = load_prompts(C.prepare_builtin(quiet=True)["prompts_val"])[:64]
     return [render_prompt(tok, m, max_tokens=256 - 16) for m in prompts]
 
@@ -499,7 +420,7 @@ def test_sft_nan_guard_keeps_no_nan_checkpoint(tmp_path):
     evals = [r for r in read_jsonl(os.path.join(out, "log.jsonl")) if "val_loss" in r]
     ck_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(ck_path):  # whatever is kept must be a checkpoint whose held-out loss was finite
-        it = torch.load(ck_path, weights_only=False)["iter"]
+        it = torch.load(ck_path, weights_only=True)["iter"]
         assert all(math.isfinite(r["val_loss"]) for r in evals if r["step"] == it), \
             f"kept {ck_path} (step {it}) although its eval was {evals}; stderr: {err}"
 

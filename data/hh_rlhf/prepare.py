@@ -39,17 +39,13 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)  # run as a script from anywhere: the repo's data/ and tokenizer.py must be importable
 
+import common as C  # noqa: E402
 from data.formats import parse_preference, parse_prompt, parse_sft, write_jsonl  # noqa: E402
 from tokenizer import ASSISTANT, HUMAN, get_tokenizer, render_chat, render_prompt  # noqa: E402
 
 URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz"
 TIE = "chosen and rejected are the same text"  # a pair with no preference in it: skipped, counted apart
 SUBSETS = ["helpful-base", "harmless-base", "helpful-online", "helpful-rejection-sampled"]
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -71,7 +67,7 @@ def read_raw(subset, split, src, timeout):
                 data, origin = r.read(), url
         except (urllib.error.URLError, OSError) as e:  # HTTPError is a URLError; timeouts and resets are OSErrors
             reason = getattr(e, "reason", None) or e
-            fail(f"could not download {url} ({reason}). With no internet, pass a local copy: --src=DIR holding "
+            C.fail(f"could not download {url} ({reason}). With no internet, pass a local copy: --src=DIR holding "
                  f"<subset>/<split>.jsonl.gz (e.g. --src=../shared/data/hh-rlhf)")
     records = []
     try:
@@ -82,9 +78,9 @@ def read_raw(subset, split, src, timeout):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    fail(f"{origin}:{lineno}: bad JSON ({e.msg}); is the file complete?")
+                    C.fail(f"{origin}:{lineno}: bad JSON ({e.msg}); is the file complete?")
     except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip, truncated, not UTF-8
-        fail(f"{origin}: cannot read it as gzipped UTF-8 JSONL ({type(e).__name__}: {e})")
+        C.fail(f"{origin}: cannot read it as gzipped UTF-8 JSONL ({type(e).__name__}: {e})")
     return records
 
 
@@ -127,32 +123,28 @@ def group_key(pair_prompt_messages) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", default="", help="local folder with <subset>/<split>.jsonl.gz; empty = download")
     p.add_argument("--subsets", default="helpful-base",
                    help=f"comma-separated HH-RLHF subsets to use, of {', '.join(SUBSETS)}")
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)),
                    help="folder for the six .jsonl files (default: this script's folder)")
-    p.add_argument("--val_fraction", type=float, default=0.1,
+    p.add_argument("--val_fraction", type=C.number(float, 0, 1, lo_open=True, hi_open=True), default=0.1,
                    help="share of the question groups held out when a subset has no train split")
     p.add_argument("--seed", type=int, default=0, help="seed of that held-out shuffle")
-    p.add_argument("--max_tokens", type=int, default=512,
+    p.add_argument("--max_tokens", type=C.count(), default=512,
                    help="report the share of conversations longer than this many GPT-2 tokens (train_rm's "
                         "--max_tokens / the model's block_size truncate them)")
-    p.add_argument("--timeout", type=float, default=60.0, help="download timeout in seconds, per file")
+    p.add_argument("--timeout", type=C.positive, default=60.0, help="download timeout in seconds, per file")
     args = p.parse_args(argv)
     subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
     if not subsets:
-        fail("--subsets is empty")
+        C.fail("--subsets is empty")
     unknown = [s for s in subsets if s not in SUBSETS]
     if unknown:
-        fail(f"--subsets: unknown {', '.join(unknown)}; expected some of {', '.join(SUBSETS)}")
-    if not 0 < args.val_fraction < 1:
-        fail(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
-    if args.max_tokens < 1:
-        fail(f"--max_tokens must be ≥ 1, got {args.max_tokens}")
+        C.fail(f"--subsets: unknown {', '.join(unknown)}; expected some of {', '.join(SUBSETS)}")
     if args.src and not os.path.isdir(args.src):
-        fail(f"--src={args.src}: no such folder")
+        C.fail(f"--src={args.src}: no such folder")
 
     # 1. read and convert; remember where each kept record came from: "train", "test" or "split" (to divide)
     kept = []  # (origin, pair, sft, prompt)
@@ -160,7 +152,7 @@ def main(argv=None):
         train = read_raw(subset, "train", args.src, args.timeout)
         test = read_raw(subset, "test", args.src, args.timeout)
         if train is None and test is None:
-            fail(f"--src={args.src}: neither {subset}/train.jsonl.gz nor {subset}/test.jsonl.gz is there")
+            C.fail(f"--src={args.src}: neither {subset}/train.jsonl.gz nor {subset}/test.jsonl.gz is there")
         if train is None:
             print(f"{subset}: no train split in {args.src}, so its test split is divided: a seeded shuffle "
                   f"(--seed={args.seed}) holds out {args.val_fraction:.0%} of its question groups")
@@ -224,7 +216,7 @@ def main(argv=None):
     overlap = {p["prompt"] for p in out["pairs", "train"]} & {p["prompt"] for p in out["pairs", "val"]}
     assert not overlap, f"{len(overlap)} prompts are in both train and val, e.g. {next(iter(overlap))!r:.100}"
     if not out["pairs", "train"] or not out["pairs", "val"]:
-        fail(f"only {len(kept)} usable records: too few for both a train and a held-out split")
+        C.fail(f"only {len(kept)} usable records: too few for both a train and a held-out split")
 
     os.makedirs(args.out_dir, exist_ok=True)
     M = args.max_tokens

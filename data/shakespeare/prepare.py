@@ -21,15 +21,11 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)  # run as a script from anywhere: the repo's tokenizer.py must be importable
 
+import common as C  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # the file as char-rnn serves it
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def fetch(url, timeout) -> bytes:
@@ -38,7 +34,7 @@ def fetch(url, timeout) -> bytes:
             return r.read()
     except (urllib.error.URLError, OSError) as e:  # HTTPError is a URLError; timeouts and resets are OSErrors
         reason = getattr(e, "reason", None) or e
-        fail(f"could not download {url} ({reason}). With no internet, pass a local copy: --src=path/to/input.txt")
+        C.fail(f"could not download {url} ({reason}). With no internet, pass a local copy: --src=path/to/input.txt")
 
 
 def split_at_line(text: str, val_fraction: float) -> tuple[str, str]:
@@ -56,20 +52,18 @@ def write_text(path, text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", default="", help="local copy of input.txt; empty = download it from --url")
     p.add_argument("--url", default=URL, help="where to download input.txt from when --src is empty")
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)),
                    help="folder for train.txt and val.txt (default: this script's folder)")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of the characters held out (the end)")
-    p.add_argument("--timeout", type=float, default=30.0, help="download timeout in seconds")
+    p.add_argument("--val_fraction", type=C.number(float, 0, 1, lo_open=True, hi_open=True), default=0.1, help="share of the characters held out (the end)")
+    p.add_argument("--timeout", type=C.positive, default=30.0, help="download timeout in seconds")
     args = p.parse_args(argv)
-    if not 0 < args.val_fraction < 1:
-        fail(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
 
     if args.src:
         if not os.path.isfile(args.src):
-            fail(f"--src={args.src}: no such file")
+            C.fail(f"--src={args.src}: no such file")
         with open(args.src, "rb") as f:
             raw = f.read()
         origin = args.src
@@ -80,16 +74,16 @@ def main(argv=None):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        fail(f"{origin}: not UTF-8 text ({e})")
+        C.fail(f"{origin}: not UTF-8 text ({e})")
     if not text.strip():
-        fail(f"{origin}: empty")
+        C.fail(f"{origin}: empty")
     digest = hashlib.sha256(raw).hexdigest()
     note = "the known tinyshakespeare" if digest == SHA256 else f"not the known tinyshakespeare {SHA256[:12]}…"
     print(f"read {origin}: {len(raw):,} bytes, sha256 {digest[:12]}… ({note})")
 
     train, val = split_at_line(text, args.val_fraction)
     if not train or not val:
-        fail(f"{origin}: too few lines to hold out {args.val_fraction:.0%} at a line boundary")
+        C.fail(f"{origin}: too few lines to hold out {args.val_fraction:.0%} at a line boundary")
 
     os.makedirs(args.out_dir, exist_ok=True)
     tok = get_tokenizer("gpt2")
