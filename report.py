@@ -11,16 +11,36 @@ samples_after.json}. Writes <out>/report.md and, when matplotlib is installed, <
 import argparse
 import json
 import os
+import sys
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8, bad JSON
+        fail(f"{path}: cannot read it as JSON ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
 def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    fail(f"{path}:{n}: bad JSON line")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"{path}: cannot read it ({type(e).__name__})")
+    return rows
 
 
 def fmt(v, spec="+.3f"):
@@ -125,10 +145,17 @@ def main(argv=None):
     p.add_argument("--ppo_dir", default="out/ppo")
     p.add_argument("--out", default="out", help="where report.md and the plots go")
     args = p.parse_args(argv)
-    for d in (args.sft_dir, args.rm_dir, args.ppo_dir):
+    for flag, d in (("--sft_dir", args.sft_dir), ("--rm_dir", args.rm_dir), ("--ppo_dir", args.ppo_dir)):
         if not os.path.isfile(os.path.join(d, "summary.json")):
-            raise SystemExit(f"error: {d}/summary.json is missing: run the stage that writes it first")
-    print(build(args.sft_dir, args.rm_dir, args.ppo_dir, args.out))
+            fail(f"{flag}={d}: {d}/summary.json is missing: run the stage that writes it first")
+    try:
+        text = build(args.sft_dir, args.rm_dir, args.ppo_dir, args.out)
+    except KeyError as e:  # a summary of another stage, or of an older version
+        fail(f"a figure the report needs ({e}) is missing: are --sft_dir, --rm_dir and --ppo_dir each the right "
+             "stage's folder?")
+    except OSError as e:
+        fail(f"--out={args.out}: could not write the report ({e.strerror})")
+    print(text)
     print(f"report written to {os.path.join(args.out, 'report.md')}")
 
 

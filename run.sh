@@ -9,8 +9,9 @@ DEV=${DEV:-0} source ./setup.sh
 python -c "import matplotlib" 2>/dev/null || python -m pip install -q matplotlib 2>/dev/null || \
   echo "(matplotlib could not be installed: the report will have no plots)"
 t0=$(date +%s)
-echo "== stage 1/3: supervised fine-tuning"; python train_sft.py "$@"
-echo "== stage 2/3: reward model";           python train_rm.py "$@"
-echo "== stage 3/3: PPO";                    python train_ppo.py "$@"
+# --overwrite=1: the demo starts over in out/ each time it runs (--resume=1 among the extra flags continues instead)
+echo "== stage 1/3: supervised fine-tuning"; python train_sft.py --overwrite=1 "$@"
+echo "== stage 2/3: reward model";           python train_rm.py --overwrite=1 "$@"
+echo "== stage 3/3: PPO";                    python train_ppo.py --overwrite=1 "$@"
 python report.py
 echo "== done in $(( $(date +%s) - t0 )) s; report in out/report.md"
