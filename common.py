@@ -85,9 +85,11 @@ def get_device(requested="auto"):
 
 
 def autocast(device, dtype):
-    """bf16/fp16 autocast on CUDA when asked, plain fp32 elsewhere."""
-    if device.startswith("cuda") and dtype in ("bfloat16", "float16"):
-        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    """bf16 autocast when asked (on CUDA, and on CPU whose autocast supports bf16 too), plain fp32 otherwise.
+    Weights stay fp32 under autocast; every network that is compared with another (policy and reference) runs
+    under the same autocast with the same weight dtype, so their log-probs agree bit for bit at equal weights."""
+    if dtype == "bfloat16" and (device.startswith("cuda") or device == "cpu"):
+        return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -253,6 +255,18 @@ def first_line(e):
     return lines[0] if lines else type(e).__name__
 
 
+def rng_states_of_all_ranks(world, *generators):
+    """Every process's rng_state, gathered (one list, rank order) so that rank 0 can save them all: under torchrun
+    each process samples its own prompts and responses, and a resumed run must continue each stream."""
+    state = rng_state(*generators)
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
 def rng_state(*generators):
     """Every random-number state a run depends on, so a resumed run continues the same random streams."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -357,6 +371,57 @@ def write_json(path, obj):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# SFT conversations as batches (train_sft.py, and the PPO-ptx text of train_ppo.py)
+
+
+class ChatData:
+    """Rendered conversations: token ids and the mask of the assistant tokens to learn from (EOS included).
+    Batches are right-padded; the padding comes after every real token, so the causal mask already keeps it out
+    of sight, and its targets are −1 (ignored). To waste little compute on padding, each group of `bucket`
+    batches is drawn at random and then split by length (a bucketing sampler)."""
+
+    bucket = 8
+
+    def __init__(self, conversations, tok, block_size, where):
+        from collections import Counter
+
+        from tokenizer import render_chat
+        self.examples = []
+        cuts = Counter()
+        for messages in conversations:
+            ids, mask = render_chat(tok, messages, max_tokens=block_size + 1, cuts=cuts)
+            if sum(mask[1:]) > 0:
+                self.examples.append((ids, mask))
+        report_cuts(where, cuts, len(conversations), block_size + 1)
+        if len(self.examples) < len(conversations):
+            print(f"note: {where}: {len(conversations) - len(self.examples)} conversations dropped: nothing of an "
+                  f"assistant turn is left to learn from within {block_size + 1} tokens")
+        if not self.examples:
+            fail(f"{where}: no conversation with an assistant turn to learn from")
+        self.n_tokens = sum(len(ids) for ids, _ in self.examples)
+
+    def batch(self, batch_size, step, seed, device):
+        """The batch of training step `step`: a pure function of (seed, step), so a resumed run sees the same data."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step // self.bucket)
+        pool = torch.randint(len(self.examples), (batch_size * self.bucket,), generator=g).tolist()
+        pool.sort(key=lambda i: len(self.examples[i][0]))
+        k = torch.randperm(self.bucket, generator=g)[step % self.bucket].item()  # the group's batches in random order
+        return self.collate([self.examples[i] for i in pool[k * batch_size:(k + 1) * batch_size]], device)
+
+    @staticmethod
+    def collate(rows, device):
+        T = max(len(ids) for ids, _ in rows) - 1
+        x = torch.zeros(len(rows), T, dtype=torch.long)                                    # (B, T)
+        y = torch.full((len(rows), T), -1, dtype=torch.long)                               # (B, T)
+        for i, (ids, mask) in enumerate(rows):
+            ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+            n = len(ids) - 1
+            x[i, :n] = ids_t[:-1]
+            y[i, :n] = torch.where(mask_t[1:], ids_t[1:], -1)  # learn token t+1 only where it is the assistant's
+        return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the built-in task
 
 
@@ -424,6 +489,24 @@ def report_cuts(where, cuts, n, max_tokens):
     if cuts["turns_dropped"] or cuts["cut"]:
         print(f"note: {where}: conversations longer than {max_tokens} tokens: {cuts['turns_dropped']} oldest turns "
               f"dropped, {cuts['cut']} of {n} cut to their last {max_tokens} tokens (the start of the prompt lost)")
+
+
+@torch.no_grad()
+def sample_responses(policy, tok, prompts, max_new_tokens, temperature, generator, device, dtype, stop_at_eos=True):
+    """Sample a batch of responses exactly as PPO's rollout does: left-padded prompts (lists of ids), KV-cached
+    pure sampling from softmax(logits / T), each response cut after its first EOS. Returns a dict: tokens
+    (B, Tp+Tn) and attn_mask (prompt + response), responses and response_mask (B, Tn), has_eos (B,), Tp, and the
+    sampler's own log-probs (B, Tn). Normalisation, evaluation and the rollout all score these very ids."""
+    import ppo
+    with autocast(device, dtype):
+        s = policy.generate(prompts, max_new_tokens, pad_id=tok.pad_id, eos_id=tok.eos_id if stop_at_eos else None,
+                            temperature=temperature, generator=generator)
+    Tp = s.prompt_mask.size(1)
+    responses, response_mask, has_eos = ppo.truncate_at_eos(s.responses, tok.eos_id, tok.pad_id)  # (B, Tn)
+    return {"tokens": torch.cat([s.tokens[:, :Tp], responses], 1),                      # (B, Tp+Tn)
+            "attn_mask": torch.cat([s.prompt_mask.bool(), response_mask], 1),           # (B, Tp+Tn)
+            "responses": responses, "response_mask": response_mask, "has_eos": has_eos, "Tp": Tp,
+            "sampler_logprobs": s.logprobs * response_mask}                             # (B, Tn)
 
 
 def show_samples(requests, samples, n):

@@ -60,7 +60,12 @@ def get_args(argv=None):
     a("--penalty_beta", type=C.positive, default=0.1, help="initial β of the PPO-penalty objective (halved/doubled)")
     a("--penalty_target", type=C.positive, default=0.01, help="d_targ: KL(π_old‖π_θ) the PPO-penalty β aims for")
     a("--cliprange_value", type=C.positive, default=0.2, help="ε_v of the clipped value loss")
-    a("--vf_coef", type=C.positive, default=0.1, help="weight of the value loss")
+    a("--vf_coef", type=C.positive, default=0.1,
+      help="weight of the value loss (lm-human-preferences' vf_coef). Here the critic is a separate network with its "
+           "own Adam, which divides each step by the gradient's scale, and --grad_clip rescales a large gradient to "
+           "a fixed norm: so vf_coef leaves the critic's steps as they are (up to Adam's ε, and in a step where the "
+           "clip acts at one weight and not at the other) and never touches the policy. Kept so that commands and "
+           "logs compare with the original code; the critic's step size is --critic_learning_rate")
     a("--ppo_epochs", type=C.count(), default=2, help="passes over each rollout batch (4 is common, InstructGPT used 1; "
                                               "here 2 reach the gold of 4 in 60%% of the time)")
     a("--num_minibatches", type=C.count(), default=4, help="minibatches per pass")
@@ -124,9 +129,11 @@ def load_models(args, device):
     with torch.no_grad():  # fold the normalisation into the critic's head: at first, V(last token) = (r − μ)/σ
         critic.head.weight /= sigma
         critic.head.bias.sub_(mu).div_(sigma)
+    # The reference keeps fp32 weights like the policy, under the same autocast: it must compute its log-probs
+    # exactly as the policy does, so that KL is exactly 0 at iteration 0 in bf16 too and the policy never pays a
+    # KL penalty for rounding. The reward model is compared with nothing: bf16 weights on CUDA save its memory.
     ref.eval().requires_grad_(False)
-    if device.startswith("cuda") and args.dtype in ("auto", "bfloat16"):  # frozen nets: bf16 weights save memory
-        ref.to(torch.bfloat16)
+    if device.startswith("cuda") and args.dtype in ("auto", "bfloat16"):
         rm.to(torch.bfloat16)
     return policy.to(device).eval(), ref.to(device), critic.to(device).eval(), rm, mu, sigma, tok
 
@@ -156,19 +163,19 @@ def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen
     oracle: optional function (responses, response_mask) -> normalised scores that replaces the reward model
     (the built-in task's gold labeler, as a diagnostic of what PPO does with a perfect reward model)."""
     # 1. rollout: KV-cached pure sampling from softmax(logits / T) of the current policy (RLHF_DETAILS #3)
-    with C.autocast(device, dtype):
-        sample = policy.generate(prompts, args.response_length, pad_id=tok.pad_id,
-                                 eos_id=tok.eos_id if stop_at_eos else None, temperature=args.temperature,
-                                 generator=gen)
-    Tp = sample.prompt_mask.size(1)
-    responses, response_mask, has_eos = ppo.truncate_at_eos(sample.responses, tok.eos_id, tok.pad_id)  # (B, Tn)
-    tokens = torch.cat([sample.tokens[:, :Tp], responses], 1)                          # (B, Tp+Tn)
-    attn_mask = torch.cat([sample.prompt_mask.bool(), response_mask], 1)               # (B, Tp+Tn)
+    s = C.sample_responses(policy, tok, prompts, args.response_length, args.temperature, gen, device, dtype,
+                           stop_at_eos)
+    tokens, attn_mask, responses, response_mask, has_eos, Tp = (
+        s[k] for k in ("tokens", "attn_mask", "responses", "response_mask", "has_eos", "Tp"))
 
-    # 2. log-probs of the policy and of the frozen reference (same T), values from the critic
+    # 2. log-probs of the policy and of the frozen reference (same T, same autocast), values from the critic
     with C.autocast(device, dtype):
         logprobs, entropy = response_logprobs(policy, tokens, attn_mask, responses, response_mask, Tp,
                                               args.temperature, with_entropy=True)     # (B, Tn) each
+        # RLHF_DETAILS #27 in its real meaning: the training forward at the sampler's own weights must give the
+        # log-probs the KV-cached sampler drew each token with. A temperature, position-id, padding or cache
+        # mismatch between sampling and training shows here, on every token of every iteration.
+        sampler_dev = check_sampler_logprobs(s["sampler_logprobs"], logprobs, response_mask, dtype)
         ref_logprobs = response_logprobs(ref, tokens, attn_mask, responses, response_mask, Tp, args.temperature)
         values = response_values(critic, tokens, attn_mask, Tp)                        # (B, Tn)
 
@@ -192,10 +199,26 @@ def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen
              "objective/entropy": ppo.masked_mean(entropy, response_mask),
              "objective/rm_raw": raw.mean(), "ppo/returns/mean": ppo.masked_mean(returns, response_mask),
              "ppo/val/mean": ppo.masked_mean(values, response_mask),
-             "response/length": response_mask.float().sum(1).mean(), "response/eos_share": has_eos.float().mean()}
+             "response/length": response_mask.float().sum(1).mean(), "response/eos_share": has_eos.float().mean(),
+             "ppo/sampler_max_dev": torch.tensor(sampler_dev)}
     return {"tokens": tokens, "attn_mask": attn_mask, "responses": responses, "response_mask": response_mask,
             "Tp": Tp, "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns,
             "stats": stats, "n_tokens": int(response_mask.sum())}
+
+
+# max |log π_sampler − log π_trainer| over real response tokens at equal weights: fp32 differs only by the order of
+# the sums (the cache against the full forward; measured ≤ 2e-6 here); bf16 autocast rounds each matmul's inputs to
+# 8 bits of mantissa, and the two paths round different partial sums (measured on CPU: see the README).
+SAMPLER_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25}
+
+
+def check_sampler_logprobs(sampler_logprobs, logprobs, mask, dtype):
+    dev = ((sampler_logprobs - logprobs).abs() * mask).max().item()
+    tol = SAMPLER_TOLERANCE.get(dtype, SAMPLER_TOLERANCE["bfloat16"])
+    assert dev <= tol, (f"sampler against trainer: the training forward's log-probs differ from the sampler's by "
+                        f"up to {dev:.2e} nats (tolerance {tol:.0e} for {dtype}): sampling and training disagree "
+                        f"on the temperature, the position ids, the padding or the KV cache")
+    return dev
 
 
 class PolicyForward(torch.nn.Module):
@@ -267,13 +290,31 @@ def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, g
                    "ppo/loss/policy": pg_loss.detach(), "ppo/loss/value": vf_loss.detach(),
                    "ppo/val/clipfrac": vf["clipfrac"],
                    "ppo/val/var_explained": ppo.explained_variance(values.detach(), returns, mask)}
-            if args.policy_loss == "penalty":
-                row["ppo/policy/kl_old_new"] = pg["kl_old_new"]
             if args.ptx_coef > 0:
                 row["ppo/loss/ptx"] = ptx_loss.detach()
             stats.append(row)
     # one sync for the whole update: means over its minibatches
-    return {k: torch.stack([s[k] for s in stats]).float().mean().item() for k in stats[0]}
+    out = {k: torch.stack([s[k] for s in stats]).float().mean().item() for k in stats[0]}
+    if args.policy_loss == "penalty":  # the d that PPO-penalty's β rule reads: after the update, not during it
+        out["ppo/policy/kl_old_new"] = kl_old_new(policy, batch, args, device, dtype)
+    return out
+
+
+# d = E_t[ KL(π_old ‖ π_θ) ] once the epochs of updates are done                              (PPO, Schulman et al. 2017, §4)
+@torch.no_grad()
+def kl_old_new(policy, batch, args, device, dtype):
+    """The KL from the rollout's policy to the updated one, by k3 on the rollout's tokens (they were drawn from
+    π_old, so k3 is unbiased), over every real response token of the batch. Taken before each step instead, as the
+    minibatch losses see it, it would start at 0 by construction and read about half the real value."""
+    B, mb = batch["tokens"].size(0), batch["tokens"].size(0) // args.num_minibatches
+    new = []
+    for s in range(0, B, mb):
+        rows = slice(s, s + mb)
+        with C.autocast(device, dtype):
+            new.append(response_logprobs(policy, batch["tokens"][rows], batch["attn_mask"][rows],
+                                         batch["responses"][rows], batch["response_mask"][rows], batch["Tp"],
+                                         args.temperature))                             # (mb, Tn)
+    return ppo.masked_mean(ppo.kl_k3(batch["logprobs"], torch.cat(new)), batch["response_mask"]).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,13 +331,9 @@ def evaluate_policy(policy, ref, rm, mu, sigma, tok, prompts, args, device, dtyp
     for s in range(0, len(prompts), 128):
         chunk = [render_prompt(tok, m, max_tokens=policy.config.block_size - args.response_length)
                  for m in prompts[s:s + 128]]
-        with C.autocast(device, dtype):
-            sample = policy.generate(chunk, args.response_length, pad_id=tok.pad_id, eos_id=tok.eos_id,
-                                     temperature=args.temperature, generator=gen)
-        Tp = sample.prompt_mask.size(1)
-        responses, mask, has_eos = ppo.truncate_at_eos(sample.responses, tok.eos_id, tok.pad_id)
-        tokens = torch.cat([sample.tokens[:, :Tp], responses], 1)
-        attn = torch.cat([sample.prompt_mask.bool(), mask], 1)
+        s = C.sample_responses(policy, tok, chunk, args.response_length, args.temperature, gen, device, dtype)
+        tokens, attn, responses, mask, has_eos, Tp = (
+            s[k] for k in ("tokens", "attn_mask", "responses", "response_mask", "has_eos", "Tp"))
         with C.autocast(device, dtype):
             lp = response_logprobs(policy, tokens, attn, responses, mask, Tp, args.temperature)
             ref_lp = response_logprobs(ref, tokens, attn, responses, mask, Tp, args.temperature)
@@ -338,9 +375,8 @@ def main(argv=None):
         eval_prompts = load_prompts(args.eval_prompts or paths["prompts_val"])[:args.n_eval_prompts]
         ptx = None
         if args.ptx_coef > 0:
-            from train_sft import ChatData
             ptx_path = args.ptx_data or C.prepare_builtin(quiet=True)["sft_train"]
-            ptx = ChatData(load_sft(ptx_path), tok, policy.config.block_size, ptx_path)
+            ptx = C.ChatData(load_sft(ptx_path), tok, policy.config.block_size, ptx_path)
     except DataError as e:
         C.fail(str(e))
     max_prompt = policy.config.block_size - args.response_length
@@ -380,12 +416,17 @@ def main(argv=None):
         opt_critic.load_state_dict(ck["opt_critic"])
         kl_ctl.load_state_dict(ck["kl_ctl"])
         penalty_beta = ck["penalty_beta"]
-        C.set_rng_state(ck["rng"], gen, cpu_gen)
+        rngs = ck["rng"] if isinstance(ck["rng"], list) else [ck["rng"]]  # one per process (older: rank 0's only)
+        if len(rngs) != world:
+            C.fail(f"--resume: {ckpt_path} was written by {len(rngs)} processes, this run has {world}: resume with "
+                   f"the same number (each process continues its own random streams)")
+        C.set_rng_state(rngs[rank], gen, cpu_gen)
         start_it, before, evals = ck["iter"], ck["before"], ck["evals"]
         print(f"resuming {ckpt_path} at iteration {start_it}")
     log = C.RunLog(args.out_dir, resume_step=start_it if args.resume else None) if master else None
 
-    def save(it):
+    def save(it, rngs):
+        """rngs: every process's random state (C.rng_states_of_all_ranks, which all of them must call)."""
         if not master:
             return
         C.save_checkpoint(ckpt_path, {
@@ -393,7 +434,7 @@ def main(argv=None):
             "model_args": C.model_args(policy), "opt_policy": opt_policy.state_dict(),
             "opt_critic": opt_critic.state_dict(), "kl_ctl": kl_ctl.state_dict(), "penalty_beta": penalty_beta,
             "iter": it, "before": before, "evals": evals, "args": vars(args), "tokenizer": tok.to_dict(),
-            "rng": C.rng_state(gen, cpu_gen), "mu": mu, "sigma": sigma, "complete": it == args.iters})
+            "rng": rngs, "mu": mu, "sigma": sigma, "complete": it == args.iters})
 
     def run_eval(it):
         ev = evaluate_policy(policy, ref, rm, mu, sigma, tok, eval_prompts, args, device, dtype, args.seed + 2,
@@ -448,7 +489,7 @@ def main(argv=None):
 
         # 8. adapt β toward the target KL (or keep it fixed); the PPO-penalty variant adapts its own β too
         kl_coef_used, penalty_beta_used = kl_ctl.value, penalty_beta
-        kl_ctl.update(stats["objective/kl"], args.batch_size)
+        kl_ctl.update(stats["objective/kl"], args.batch_size * world)  # n: episodes of the global batch
         if args.policy_loss == "penalty":
             penalty_beta = ppo.update_penalty_beta(penalty_beta, upd["ppo/policy/kl_old_new"], args.penalty_target)
 
@@ -465,17 +506,20 @@ def main(argv=None):
                          f"eos {stats['response/eos_share']:.2f} | approxkl {upd['ppo/policy/approxkl']:.4f} | "
                          f"clipfrac {upd['ppo/policy/clipfrac']:.3f} | vexp {upd['ppo/val/var_explained']:.2f} | "
                          f"{t1 - t0:.2f}s+{t2 - t1:.2f}s | eta {C.eta(t_loop, done_here, args.iters - start_it)}")
-            if (it + 1) % args.eval_interval == 0 and it + 1 < args.iters:
+        if (it + 1) % args.eval_interval == 0 and it + 1 < args.iters:
+            rngs = C.rng_states_of_all_ranks(world, gen, cpu_gen)
+            if master:
                 run_eval(it + 1)
-                save(it + 1)
+                save(it + 1, rngs)
         if args.stop_after and done_here >= args.stop_after and it + 1 < args.iters:
-            save(it + 1)
+            save(it + 1, C.rng_states_of_all_ranks(world, gen, cpu_gen))
             print(f"stopping after {done_here} iterations (--stop_after); continue with --resume=1")
             return C.finish_distributed(world)
+    rngs = C.rng_states_of_all_ranks(world, gen, cpu_gen)
     if not master:
         return C.finish_distributed(world)
     after = run_eval(args.iters)
-    save(args.iters)
+    save(args.iters, rngs)
     C.write_json(os.path.join(args.out_dir, "samples_after.json"), after["samples"])
     kls = [r for r in _read_log(log.path)]
     last_fifth = kls[-max(1, len(kls) // 5):]

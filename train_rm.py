@@ -276,19 +276,19 @@ def measure_normalisation(rm, policy, tok, requests, max_new_tokens, temperature
     """μ, σ of the reward model's scores on fresh samples of the SFT policy (RLHF_DETAILS #13). Under torchrun
     each process samples its share of the prompts and the sums are all-reduced."""
     requests, seed = requests[rank::world], seed + rank
-    from tokenizer import render_chat, render_prompt
+    from tokenizer import render_prompt
     gen = torch.Generator(device=device).manual_seed(seed)
     T = policy.config.block_size  # long conversations lose their oldest turns first (tokenizer.render_chat)
-    samples = C.sample_texts(policy, tok, [render_prompt(tok, m, max_tokens=T - max_new_tokens) for m in requests],
-                             max_new_tokens, gen, temperature, device=device, dtype=dtype)
-    seqs = [render_chat(tok, m + [{"role": "assistant", "content": t}], max_tokens=T)[0]
-            for m, (t, eos) in zip(requests, samples) if eos]
+    prompts = [render_prompt(tok, m, max_tokens=T - max_new_tokens) for m in requests]
     scores = []
     rm.eval()
-    for s in range(0, len(seqs), 64):
-        x, mask = right_pad(seqs[s:s + 64], device=device)                              # (B, T) each
+    # the very token ids PPO's rollout will score (left-padded prompt + sampled response up to its EOS), not text
+    # decoded and encoded again: a sampled tokenisation need not be the one BPE would give the same text
+    for s in range(0, len(prompts), 64):
+        b = C.sample_responses(policy, tok, prompts[s:s + 64], max_new_tokens, temperature, gen, device, dtype)
         with C.autocast(device, dtype):
-            scores.append(reward.score(rm, x, mask).float().cpu())
+            raw = reward.score(rm, b["tokens"], b["attn_mask"]).float()                 # (B,)
+        scores.append(raw[b["has_eos"]].cpu())  # PPO gives the others the missing-EOS penalty instead
     rm.train()
     scores = torch.cat(scores).double() if scores else torch.zeros(0, dtype=torch.float64)
     n, total, total_sq = (world * C.all_reduce_mean(torch.stack([torch.tensor(float(len(scores))), scores.sum(),

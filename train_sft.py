@@ -94,53 +94,6 @@ def get_args(argv=None):
 # data
 
 
-class ChatData:
-    """Rendered conversations: token ids and the mask of the assistant tokens to learn from (EOS included).
-    Batches are right-padded; the padding comes after every real token, so the causal mask already keeps it out
-    of sight, and its targets are −1 (ignored). To waste little compute on padding, each group of `bucket`
-    batches is drawn at random and then split by length (a bucketing sampler)."""
-
-    bucket = 8
-
-    def __init__(self, conversations, tok, block_size, where):
-        from collections import Counter
-
-        from tokenizer import render_chat
-        self.examples = []
-        cuts = Counter()
-        for messages in conversations:
-            ids, mask = render_chat(tok, messages, max_tokens=block_size + 1, cuts=cuts)
-            if sum(mask[1:]) > 0:
-                self.examples.append((ids, mask))
-        C.report_cuts(where, cuts, len(conversations), block_size + 1)
-        if len(self.examples) < len(conversations):
-            print(f"note: {where}: {len(conversations) - len(self.examples)} conversations dropped: nothing of an "
-                  f"assistant turn is left to learn from within {block_size + 1} tokens")
-        if not self.examples:
-            C.fail(f"{where}: no conversation with an assistant turn to learn from")
-        self.n_tokens = sum(len(ids) for ids, _ in self.examples)
-
-    def batch(self, batch_size, step, seed, device):
-        """The batch of training step `step`: a pure function of (seed, step), so a resumed run sees the same data."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step // self.bucket)
-        pool = torch.randint(len(self.examples), (batch_size * self.bucket,), generator=g).tolist()
-        pool.sort(key=lambda i: len(self.examples[i][0]))
-        k = torch.randperm(self.bucket, generator=g)[step % self.bucket].item()  # the group's batches in random order
-        return self.collate([self.examples[i] for i in pool[k * batch_size:(k + 1) * batch_size]], device)
-
-    @staticmethod
-    def collate(rows, device):
-        T = max(len(ids) for ids, _ in rows) - 1
-        x = torch.zeros(len(rows), T, dtype=torch.long)                                    # (B, T)
-        y = torch.full((len(rows), T), -1, dtype=torch.long)                               # (B, T)
-        for i, (ids, mask) in enumerate(rows):
-            ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
-            n = len(ids) - 1
-            x[i, :n] = ids_t[:-1]
-            y[i, :n] = torch.where(mask_t[1:], ids_t[1:], -1)  # learn token t+1 only where it is the assistant's
-        return x.to(device), y.to(device)
-
-
 class TextData:
     """One long token stream; a batch is random windows of block_size + 1 tokens (every token is a target)."""
 
@@ -199,7 +152,7 @@ def load_data(args, tok, block_size):
         prompts = load_prompts(builtin["prompts_val"]) if builtin else None
     except DataError as e:
         C.fail(str(e))
-    return ChatData(convs, tok, block_size, train_path), ChatData(val_convs, tok, block_size, val_path), prompts
+    return C.ChatData(convs, tok, block_size, train_path), C.ChatData(val_convs, tok, block_size, val_path), prompts
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -39,3 +39,19 @@ def chain(tmp_path_factory):
     """The chained tiny SFT -> RM -> PPO run (tests/runs.py), built once and shared by every test file."""
     import runs
     return runs.make_chain(tmp_path_factory.mktemp("chain"))
+
+
+@pytest.fixture(scope="session")
+def ppo_prompts(chain):
+    """The first 64 held-out prompts of the built-in task, rendered for PPO (tests/runs.py)."""
+    import runs
+    return runs.rendered_prompts(chain)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine are 10x slower with 2 threads: one, for every test module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

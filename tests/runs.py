@@ -92,3 +92,50 @@ def make_chain(d):
                                  *PPO_CHAIN, f"--out_dir={ppo_dir}"))
     return {"dir": d, "sft": sft, "rm": rm, "ppo": ppo_dir, "sft_ckpt": f"{sft}/ckpt.pt", "rm_ckpt": f"{rm}/ckpt.pt",
             "ppo_ckpt": f"{ppo_dir}/ckpt.pt", "procs": procs}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO in process, on the chain's checkpoints: the networks exactly as train_ppo.main builds them, one rollout, one
+# update
+
+
+def ppo_args(chain, *extra):
+    import train_ppo
+    return train_ppo.get_args([f"--init_from={chain['sft_ckpt']}", f"--reward_model={chain['rm_ckpt']}",
+                               "--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--response_length=16",
+                               *extra])
+
+
+def ppo_setup(args):
+    """The four networks and the two optimizers exactly as train_ppo.main builds them, on CPU."""
+    import train_ppo
+    policy, ref, critic, rm, mu, sigma, tok = train_ppo.load_models(args, "cpu")
+    opt_p = policy.configure_optimizers(0.0, args.learning_rate, (0.9, 0.999), args.adam_eps, "cpu")
+    opt_c = train_ppo.GPT.configure_optimizers(critic, 0.0, args.critic_learning_rate, (0.9, 0.999), args.adam_eps,
+                                               "cpu")
+    return {"policy": policy, "ref": ref, "critic": critic, "rm": rm, "mu": mu, "sigma": sigma, "tok": tok,
+            "opt_p": opt_p, "opt_c": opt_c}
+
+
+def rendered_prompts(chain, n=64, response_length=16):
+    """The built-in task's first n held-out prompts as token ids, as train_ppo renders them."""
+    import common as C
+    from data.formats import load_prompts
+    from tokenizer import Tokenizer, render_prompt
+    tok = Tokenizer.from_dict(load(chain["sft_ckpt"])["tokenizer"])
+    prompts = load_prompts(C.prepare_builtin(quiet=True)["prompts_val"])[:n]
+    return [render_prompt(tok, m, max_tokens=256 - response_length) for m in prompts]
+
+
+def do_rollout(m, prompts, args, seed, dtype="float32"):
+    import train_ppo
+    gen = torch.Generator().manual_seed(seed)
+    return train_ppo.rollout(m["policy"], m["ref"], m["critic"], m["rm"], m["mu"], m["sigma"], m["tok"], prompts,
+                             args, args.kl_coef, gen, "cpu", dtype)
+
+
+def do_update(m, batch, args, seed, ptx=None, dtype="float32"):
+    import train_ppo
+    gen = torch.Generator().manual_seed(seed)
+    return train_ppo.update(m["policy"], m["critic"], m["opt_p"], m["opt_c"], batch, args, "cpu", dtype, gen,
+                            args.penalty_beta, ptx)

@@ -167,7 +167,7 @@ def results(files):
 def test_bad_input_is_one_line(results, files, name, script, flags, expect):
     p = results[name]
     err = p.stderr.strip()
-    assert p.returncode == 2, f"{script}: exit {p_returncode}, expected 2\nstdout: {p.stdout[-1500:]}\nstderr: {err[-3000:]}"
+    assert p.returncode == 2, f"{script}: exit {p.returncode}, expected 2\nstdout: {p.stdout[-1500:]}\nstderr: {err[-3000:]}"
     assert "Traceback" not in err, err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), f"expected one 'error: ...' line, got {err!r}"
     for e in expect:

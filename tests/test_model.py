@@ -1,7 +1,8 @@
 """Tests for model.py: the invariants the rest of the pipeline leans on.
 
 Fused vs explicit attention, the causal mask, the KV cache vs one full forward pass, left-padding invariance
-(RLHF_DETAILS #2), the sampler (its log-probs, EOS handling, greedy/top-k/top-p, seeds; #3, #4, #5, #7), exact
+(RLHF_DETAILS #2), the sampler (its log-probs, EOS handling, greedy/top-k/top-p, seeds; #3, #4, #5, #7) and
+train_ppo.response_logprobs, both against a one-sequence-at-a-time decoding loop, exact
 equivalence with Hugging Face's GPT-2 (built locally, no download), GPT-2's initialisation, the optimizer's
 parameter groups, and the small helpers. CPU, fp32, a few seconds.
 
@@ -171,15 +172,23 @@ def test_gptscalar_from_gpt_copies_the_trunk():
 # generate
 
 
-def recomputed_logprobs(model, s, temperature):
-    """log π(y_t | s_t) of each sampled token from one full forward pass: the off-by-one of RLHF_DETAILS #5,
-    logits[:, Tp-1:-1] for response token t, divided by the rollout temperature (#4)."""
-    Tp = s.prompt_mask.size(1)
-    attention_mask = torch.cat([s.prompt_mask, s.response_mask], 1)  # (B, Tp + Tn)
-    logits, _ = model(s.tokens, attention_mask=attention_mask)        # (B, Tp + Tn, V)
-    logits = logits[:, Tp - 1:-1] / temperature                       # (B, Tn, V)
-    resp = s.responses.masked_fill(s.response_mask == 0, 0)           # PAD is outside the vocabulary
-    return logprobs_from_logits(logits, resp) * s.response_mask       # (B, Tn)
+@torch.no_grad()
+def stepwise_logprobs(model, prompts, s, temperature):
+    """The slow reference for RLHF_DETAILS #4 and #5: for each row on its own, with no padding at all, feed the
+    unpadded prompt + the response prefix y_<t and read log_softmax(logits / T) of y_t at the last position, one
+    forward pass per token; also the exact entropy of that distribution. Returns per row the (n,) log-probs and
+    entropies of its n real response tokens (up to and including the first EOS)."""
+    out = []
+    for p, r, m in zip(prompts, s.responses.tolist(), s.response_mask.tolist()):
+        y = [tok for tok, keep in zip(r, m) if keep]
+        lps, ents = [], []
+        for t in range(len(y)):
+            logits, _ = model(torch.tensor([p + y[:t]]))                     # (1, len(p) + t, V)
+            logp = F.log_softmax(logits[0, -1].double() / temperature, -1)   # (V,) the next token's distribution
+            lps.append(logp[y[t]].item())
+            ents.append(-(logp.exp() * logp).sum().item())
+        out.append((torch.tensor(lps), torch.tensor(ents)))
+    return out
 
 
 def check_eos_structure(s, max_new_tokens):
@@ -202,14 +211,40 @@ def check_eos_structure(s, max_new_tokens):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_generate_logprobs_match_full_forward(use_cache, temperature):
+def test_generate_and_response_logprobs_match_a_stepwise_loop(use_cache, temperature):
+    """The sampler's own log-probs, and train_ppo.response_logprobs on the batch as train_ppo.rollout builds it
+    (left-padded prompts, responses cut at EOS and right-padded, one attention mask), both equal the slow
+    one-sequence-at-a-time decoding loop: the off-by-one (#5), the temperature (#4) and the padding (#2) at once."""
+    import ppo
+    import train_ppo
     model = make_gpt(eos_bias=3.0)
     prompts = random_prompts([7, 3, 5, 1, 6, 4, 2, 7])
     s = model.generate(prompts, max_new_tokens=12, pad_id=PAD, eos_id=EOS, temperature=temperature,
                        generator=torch.Generator().manual_seed(0), use_cache=use_cache)
     ends = check_eos_structure(s, 12)
     assert any(e is not None and e < s.responses.size(1) for e in ends), "no row stopped early: EOS untested"
-    close(recomputed_logprobs(model, s, temperature), s.logprobs)
+    assert None in ends, "every row stopped: a response cut at the length limit is untested"
+
+    # the batch exactly as train_ppo.rollout builds it
+    Tp = s.prompt_mask.size(1)
+    responses, response_mask, _ = ppo.truncate_at_eos(s.responses, EOS, PAD)              # (B, Tn)
+    tokens = torch.cat([s.tokens[:, :Tp], responses], 1)                                  # (B, Tp + Tn)
+    attn_mask = torch.cat([s.prompt_mask.bool(), response_mask], 1)                       # (B, Tp + Tn)
+    with torch.no_grad():
+        lp, ent = train_ppo.response_logprobs(model, tokens, attn_mask, responses, response_mask, Tp, temperature,
+                                              with_entropy=True)                          # (B, Tn) each
+    assert lp.shape == ent.shape == responses.shape
+    for i, (ref_lp, ref_ent) in enumerate(stepwise_logprobs(model, prompts, s, temperature)):
+        n = len(ref_lp)
+        assert n == int(response_mask[i].sum()), f"row {i}: {n} real tokens in the loop, mask says otherwise"
+        close(lp[i, :n].double(), ref_lp.double())
+        close(s.logprobs[i, :n].double(), ref_lp.double())
+        close(ent[i, :n].double(), ref_ent.double())
+    # log-probs of sampled tokens at T ≠ 1 differ from those at T = 1: the loop above really checks the temperature
+    if temperature != 1.0:
+        with torch.no_grad():
+            lp1 = train_ppo.response_logprobs(model, tokens, attn_mask, responses, response_mask, Tp, 1.0)
+        assert (lp1 - lp)[response_mask].abs().max() > 1e-2
 
 
 def test_generate_stops_each_row_at_its_first_eos():

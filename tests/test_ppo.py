@@ -109,14 +109,25 @@ def test_apply_missing_eos_penalty():
 # KL estimators (#19) and KL-shaped rewards (#15)
 
 
-def test_kl_estimators_definitions_and_signs():
+def test_kl_estimators_vectors():
+    # r = π_ref/π, log r = log π_ref − log π. By hand for log π = [−1, −2, −0.5, −3] and
+    # log π_ref = [−1.5, −1, −0.5, −0.2]:
+    #   log r = [−0.5, 1, 0, 2.8]
+    #   k1 = −log r        = [0.5, −1, 0, −2.8]
+    #   k2 = ½ (log r)²     = [0.125, 0.5, 0, 3.92]
+    #   k3 = (r − 1) − log r = [e^−0.5 − 0.5, e − 2, 0, e^2.8 − 3.8] = [0.106531, 0.718282, 0, 12.644647]
+    # (the first two k3 are RLHF_DETAILS #33's [0.1065, 0.7183]). k3 with π and π_ref swapped would give
+    # e^0.5 − 1.5 = 0.148721 first, and k2 without the ½ gives 0.25: the vector tells them apart.
+    lp, ref = t([-1.0, -2.0, -0.5, -3.0]), t([-1.5, -1.0, -0.5, -0.2])
+    close(kl_k1(lp, ref), t([0.5, -1.0, 0.0, -2.8]), atol=1e-6)
+    close(kl_k2(lp, ref), t([0.125, 0.5, 0.0, 3.92]), atol=1e-6)
+    close(kl_k3(lp, ref), t([0.106531, 0.718282, 0.0, 12.644647]), atol=1e-6)
+
+
+def test_kl_estimators_signs():
     g = torch.Generator().manual_seed(0)
     lp = -torch.rand(64, generator=g, dtype=torch.float64) * 5      # log π
     ref = -torch.rand(64, generator=g, dtype=torch.float64) * 5     # log π_ref
-    log_r = ref - lp                                                 # r = π_ref/π
-    close(kl_k1(lp, ref), -log_r)
-    close(kl_k2(lp, ref), 0.5 * log_r ** 2)
-    close(kl_k3(lp, ref), (log_r.exp() - 1) - log_r)
     assert (kl_k1(lp, ref) < 0).any()  # k1 can be negative token by token ...
     assert (kl_k2(lp, ref) >= 0).all() and (kl_k3(lp, ref) >= 0).all()  # ... k2 and k3 never
     for k in (kl_k1, kl_k2, kl_k3):
@@ -239,38 +250,58 @@ def test_policy_loss_clipped_batch_mean_and_stats():
     close(stats["approxkl"], 0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 4)
 
 
-def test_first_minibatch_invariant():
-    # RLHF_DETAILS #27: logprobs == old_logprobs -> ρ ≡ 1, clipfrac 0, approxkl 0; loss = −mean(Â)
-    g = torch.Generator().manual_seed(0)
-    lp = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 3
-    adv = torch.randn(4, 6, generator=g, dtype=torch.float64)
-    mask = t([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] + [0] * 5])
-    loss, stats = policy_loss_clipped(lp, lp.clone(), adv, mask)
+def test_first_minibatch_detector_stats():
+    """RLHF_DETAILS #27: in the first minibatch ρ ≡ 1, and train_ppo.update asserts it through ratio_max_dev,
+    approxkl and clipfrac. Here ρ ≠ 1 on purpose, with known log-ratios, so each statistic must come out at its
+    hand-computed value: a detector that is a mean instead of a max, that ignores the sign of Â, or that reads
+    masked positions would read wrong here (and would hide a temperature or position-id bug in the real loop)."""
+    # 7 real tokens (row 0: 4, row 1: 3) and one masked position holding a huge log-ratio and advantage
+    log_ratio = t([[0.3, -0.3, 0.1, -0.1], [0.25, -0.25, 0.0, 20.0]])
+    adv = t([[1.0, 1.0, -1.0, 1.0], [-1.0, -1.0, 2.0, 1e3]])
+    mask = t([[1, 1, 1, 1], [1, 1, 1, 0]])
+    old = t([[-1.0, -2.0, -0.5, -3.0], [-0.7, -1.1, -2.2, -0.4]])
+    loss, stats = policy_loss_clipped(old + log_ratio, old, adv, mask, cliprange=0.2)
+    # max|ρ − 1| over real tokens = e^0.3 − 1 = 0.349859 (the masked e^20 − 1 must not count)
+    close(stats["ratio_max_dev"], 0.349859, atol=1e-6)
+    # the clip is active only where it lowers the objective: ρ = e^0.3 = 1.3499 > 1.2 with Â > 0, and
+    # ρ = e^−0.25 = 0.7788 < 0.8 with Â < 0. ρ = e^−0.3 with Â > 0 and e^0.25 with Â < 0 lie outside [0.8, 1.2]
+    # but are not clipped (min picks the unclipped term). 2 of 7 real tokens = 0.285714 (|ρ−1| > ε would say 4/7)
+    close(stats["clipfrac"], 0.285714, atol=1e-6)
+    # approxkl = ½ mean (log ρ)² = ½ (0.09 + 0.09 + 0.01 + 0.01 + 0.0625 + 0.0625 + 0) / 7 = 0.023214
+    close(stats["approxkl"], 0.023214, atol=1e-6)
+    # per-token max(−Âρ, −Â clip(ρ)) = [−1.2, −0.740818, 1.105171, −0.904837, 1.284025, 0.8, −2] -> mean −0.236637
+    close(loss, -0.236637, atol=1e-6)
+
+    # one token of 24 off by 1e-3 in log-ratio (a small temperature or padding mismatch): the max sees it in full,
+    # e^0.001 − 1 = 0.0010005, ten times the update's 1e-4 tolerance; nothing is clipped
+    lp = -torch.rand(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    shifted = lp.clone()
+    shifted[2, 3] += 1e-3
+    _, stats = policy_loss_clipped(shifted, lp, torch.ones_like(lp), torch.ones_like(lp))
+    close(stats["ratio_max_dev"], 0.0010005, atol=1e-9)
+    close(stats["approxkl"], 0.5e-6 / 24, atol=1e-12)
     close(stats["clipfrac"], 0.0)
-    close(stats["approxkl"], 0.0)
-    close(stats["ratio_max_dev"], 0.0)
-    close(loss, -adv[mask.bool()].mean())
 
 
-def test_policy_loss_penalty_handmade():
-    # J = E[ρÂ] − β KL(π_old‖π_θ), KL per token by k3 on tokens from π_old: (ρ − 1) − log ρ, ρ = π_θ/π_old
-    old = t([[-1.2, -1.5, -0.7]])
-    lp = t([[-1.0, -2.0, -0.7]])
-    adv = t([[1.0, -0.5, 2.0]])
-    beta = 0.3
-    expected = 0.0
-    for l, o, a in zip(lp[0].tolist(), old[0].tolist(), adv[0].tolist()):
-        rho = math.exp(l - o)
-        expected += -rho * a + beta * ((rho - 1) - math.log(rho))
-    expected /= 3
-    loss, stats = policy_loss_penalty(lp, old, adv, torch.ones_like(lp), beta)
-    close(loss, expected)
-    k3 = [(math.exp(l - o) - 1) - (l - o) for l, o in zip(lp[0].tolist(), old[0].tolist())]
-    close(stats["kl_old_new"], sum(k3) / 3)
-    # β = 0 and π_θ = π_old: the loss is −mean(Â) and the penalty term is 0
-    loss0, stats0 = policy_loss_penalty(old, old.clone(), adv, torch.ones_like(lp), 0.0)
-    close(loss0, -adv.mean())
-    close(stats0["kl_old_new"], 0.0)
+def test_policy_loss_penalty_vector():
+    """J = E[ρÂ] − β KL(π_old‖π_θ), KL per token by k3 on tokens sampled from π_old: (ρ − 1) − log ρ, ρ = π_θ/π_old.
+    By hand, β = 0.3, three real tokens and one masked one full of garbage:
+        log ρ  = [0.2, −0.5, 0]            ρ = [1.221403, 0.606531, 1]
+        k3     = [0.021403, 0.106531, 0]    mean 0.042644
+        −Âρ + β k3 = [−1.214982, 0.335225, −2]   mean −0.959919
+        d loss / d log π_θ = (−Âρ + β(ρ − 1)) / 3 = [−0.384994, 0.061742, −0.666667], 0 at the masked token
+    KL in the other direction (1/ρ − 1 + log ρ) would give −0.955967, and dividing by 4 tokens −0.719939."""
+    old = t([[-1.2, -1.5, -0.7, -0.1]])
+    lp = t([[-1.0, -2.0, -0.7, -9.0]]).requires_grad_(True)
+    adv = t([[1.0, -0.5, 2.0, 50.0]])
+    mask = t([[1, 1, 1, 0]])
+    loss, stats = policy_loss_penalty(lp, old, adv, mask, 0.3)
+    close(loss.detach(), -0.959919, atol=1e-6)
+    close(stats["kl_old_new"], 0.042644, atol=1e-6)
+    close(stats["approxkl"], 0.5 * (0.04 + 0.25) / 3, atol=1e-9)
+    close(stats["clipfrac"], 0.0)  # nothing is clipped in the penalty variant
+    loss.backward()
+    close(lp.grad, t([[-0.384994, 0.061742, -0.666667, 0.0]]), atol=1e-6)
 
 
 def test_policy_loss_penalty_gradient_of_kl_term():

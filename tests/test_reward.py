@@ -179,11 +179,22 @@ def test_score_depends_on_last_token_not_on_pad():
 # normalisation (#13)
 
 
-def test_normalize():
+def test_normalize_vector():
+    # μ, σ are the SFT samples' (stored in the RM checkpoint), not the batch's: by hand with μ = 0.2, σ = 0.35,
+    #   (0.9 − 0.2)/0.35 = 2,  (0.2 − 0.2)/0.35 = 0,  (−0.5 − 0.2)/0.35 = −2,  (1.6 − 0.2)/0.35 = 4,
+    #   (0.13 − 0.2)/0.35 = −0.2
+    # (x − μ)·σ would give 0.245 first, x/σ − μ 2.371429, (x − μ)/σ² 5.714286.
+    out = normalize(torch.tensor([0.9, 0.2, -0.5, 1.6, 0.13], dtype=torch.float64), 0.2, 0.35)
+    close(out, torch.tensor([2.0, 0.0, -2.0, 4.0, -0.2], dtype=torch.float64), atol=1e-9)
+
+
+def test_normalize_inverts_the_affine_map():
+    """Scores built as μ + σ·z for z, μ, σ chosen independently of each other come back as exactly z, for any
+    batch (the normaliser must not look at the batch's own statistics): here a batch of 3 whose own mean and
+    std are far from μ, σ, and a single score."""
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(1000, generator=g, dtype=torch.float64) * 3.7 + 2.1
-    mu, sigma = scores.mean().item(), scores.std().item()
-    out = normalize(scores, mu, sigma)
-    close(out.mean(), 0.0, atol=1e-9)
-    close(out.std(), 1.0, atol=1e-9)
-    close(normalize(torch.tensor([3.0, -1.0]), 1.0, 2.0), torch.tensor([1.0, -1.0]))
+    for mu, sigma in ((2.1, 3.7), (-0.4, 0.05), (0.0, 1.0)):
+        z = torch.tensor([1.5, 2.5, 3.0], dtype=torch.float64)  # batch mean 2.33, far from 0
+        close(normalize(mu + sigma * z, mu, sigma), z, atol=1e-9)
+        z1 = torch.randn(1, generator=g, dtype=torch.float64)
+        close(normalize(mu + sigma * z1, mu, sigma), z1, atol=1e-9)

@@ -23,22 +23,13 @@ import common as C
 import train_ppo
 import train_rm
 import train_sft
-from runs import (PPO_CHAIN, RM_CHAIN, SFT_CHAIN, SFT_TINY, finite, ok, read_json, read_jsonl,  # noqa: F401
+from runs import (SFT_TINY, do_rollout, do_update, finite, ok, ppo_args, ppo_setup, read_json, read_jsonl,
                   run_main, run_script, step_rows)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PPO_LOG_KEYS = ["objective/kl", "objective/scores", "objective/kl_coef", "objective/entropy", "ppo/policy/approxkl",
                 "ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/val/var_explained", "ppo/returns/mean"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs on one thread too: tiny tensors on a shared 2-core machine are 10x slower with 2."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,16 +171,24 @@ def test_ppo_resume_equals_uninterrupted(chain, tmp_path):
 
 
 def test_ppo_compile_flag(chain, tmp_path):
-    """--compile=1 compiles the update's policy and critic forward; the first-minibatch check (ρ ≡ 1 against the
-    eager rollout's log-probs, 1e-4) then also pins the compiled forward to the eager one."""
-    out = str(tmp_path / "compiled")
-    p = run_script("train_ppo.py", f"--init_from={chain['sft_ckpt']}", f"--reward_model={chain['rm_ckpt']}",
-                   "--iters=2", "--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--response_length=16",
-                   "--n_eval_prompts=4", "--eval_interval=2", "--n_show=0", "--threads=1", "--compile=1",
-                   f"--out_dir={out}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = step_rows(os.path.join(out, "log.jsonl"))
-    assert len(rows) == 2 and all(math.isfinite(r["ppo/loss/policy"]) for r in rows), rows
+    """--compile=1 compiles the update's policy and critic forward: the same run as eager, step for step (to the
+    rounding of another kernel order), and the first-minibatch check (ρ ≡ 1 against the eager rollout's log-probs)
+    held in every iteration."""
+    flags = [f"--init_from={chain['sft_ckpt']}", f"--reward_model={chain['rm_ckpt']}", "--iters=2", "--batch_size=8",
+             "--num_minibatches=2", "--ppo_epochs=2", "--response_length=16", "--n_eval_prompts=4",
+             "--eval_interval=2", "--n_show=0", "--threads=1"]
+    rows = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile=1"])):
+        out = str(tmp_path / name)
+        p = run_script("train_ppo.py", *flags, *extra, f"--out_dir={out}")
+        assert p.returncode == 0, p.stderr[-3000:]
+        rows[name] = step_rows(os.path.join(out, "log.jsonl"))
+    assert len(rows["compiled"]) == 2
+    for e, c in zip(rows["eager"], rows["compiled"]):
+        for k in ("ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "objective/scores", "objective/kl"):
+            assert abs(e[k] - c[k]) <= 1e-4 * max(1.0, abs(e[k])), (e["step"], k, e[k], c[k])
+    assert rows["eager"][1]["ppo/loss/policy"] != rows["eager"][0]["ppo/loss/policy"]  # two different steps
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. the NaN guard: a clear stop, not a traceback and not a run that trains on garbage
@@ -291,43 +290,6 @@ def test_bad_flag_through_the_command_line(chain, bad_files):
 # 5 and 6. PPO internals, in process: the frozen reference, PPO-ptx with γ = 0, masks after EOS
 
 
-def ppo_args(chain, *extra):
-    return train_ppo.get_args([f"--init_from={chain['sft_ckpt']}", f"--reward_model={chain['rm_ckpt']}",
-                               "--batch_size=8", "--num_minibatches=2", "--ppo_epochs=2", "--response_length=16",
-                               *extra])
-
-
-def ppo_setup(args):
-    """The four networks and the two optimizers exactly as train_ppo.main builds them, on CPU."""
-    policy, ref, critic, rm, mu, sigma, tok = train_ppo.load_models(args, "cpu")
-    opt_p = policy.configure_optimizers(0.0, args.learning_rate, (0.9, 0.999), args.adam_eps, "cpu")
-    opt_c = train_ppo.GPT.configure_optimizers(critic, 0.0, args.critic_learning_rate, (0.9, 0.999), args.adam_eps,
-                                               "cpu")
-    return {"policy": policy, "ref": ref, "critic": critic, "rm": rm, "mu": mu, "sigma": sigma, "tok": tok,
-            "opt_p": opt_p, "opt_c": opt_c}
-
-
-@pytest.fixture(scope="module")
-def ppo_prompts(chain):
-    from data.formats import load_prompts
-    from tokenizer import Tokenizer, render_prompt
-    tok = Tokenizer.from_dict(torch.load(chain["sft_ckpt"], weights_only=True)["tokenizer"])
-    prompts = load_prompts(C.prepare_builtin(quiet=True)["prompts_val"])[:64]
-    return [render_prompt(tok, m, max_tokens=256 - 16) for m in prompts]
-
-
-def do_rollout(m, prompts, args, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return train_ppo.rollout(m["policy"], m["ref"], m["critic"], m["rm"], m["mu"], m["sigma"], m["tok"], prompts,
-                             args, args.kl_coef, gen, "cpu", "float32")
-
-
-def do_update(m, batch, args, seed, ptx=None):
-    gen = torch.Generator().manual_seed(seed)
-    return train_ppo.update(m["policy"], m["critic"], m["opt_p"], m["opt_c"], batch, args, "cpu", "float32", gen,
-                            args.penalty_beta, ptx)
-
-
 def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -357,7 +319,7 @@ def test_ptx_coef_zero_is_plain_ppo(chain, ppo_prompts):
         m = ppo_setup(args)  # identical fresh states from the checkpoints
         if batch is None:
             batch = do_rollout(m, ppo_prompts[:8], args, seed=0)
-        ptx = train_sft.ChatData(load_sft(path), m["tok"], m["policy"].config.block_size, path) if with_ptx else None
+        ptx = C.ChatData(load_sft(path), m["tok"], m["policy"].config.block_size, path) if with_ptx else None
         upd = do_update(m, batch, args, seed=7, ptx=ptx)
         results[name] = (snapshot(m["policy"]), snapshot(m["critic"]), upd)
     plain, ptx0, ptx1 = results["plain"], results["ptx0"], results["ptx1"]

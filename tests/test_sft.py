@@ -3,7 +3,7 @@ import torch
 
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer, render_chat, render_prompt
-from train_sft import ChatData
+from common import ChatData
 
 
 def test_sft_overfits_one_example_and_greedy_reproduces_it():
