@@ -4,11 +4,14 @@ Speed benchmark. Prints progress, then as its LAST line one JSON object that oth
   device, config, train_tokens_per_s (forward + backward + AdamW step), sample_tokens_per_s_cache and
   sample_tokens_per_s_nocache (batch 64, 64-token prompts, 128 new tokens, pure sampling with no early stop),
   kv_cache_speedup, train_mfu on CUDA (against the GPU's bf16 peak), and (--ppo=1) ppo_iter_seconds, ppo_rollout_seconds, ppo_update_seconds
-  (medians at the PPO issue's fixed setting), and peak memory.
+  (medians at the PPO issue's fixed setting, at --vocab), ppo_model_gflop (the iteration's model FLOPs), and on CPU
+  cpu_peak_gflops (this machine's fp32 matmul rate, measured), ppo_floor_seconds (the FLOPs at that rate) and
+  ppo_floor_fraction (floor / measured: 1 would be a perfect implementation), and peak memory.
 
 Numbers are medians of repeated timings; the machines are shared and noisy, so compare runs side by side.
 
   python bench.py                      # CPU, the built-in task's small config, 2 threads
+  python bench.py --vocab=50257        # the same at GPT-2's vocabulary
   python bench.py --device=cuda --config=gpt2
 """
 
@@ -87,18 +90,45 @@ def bench_sample(model, device, batch, prompt_len, new_tokens, use_cache, repeat
     return batch * new_tokens / timed(run, device, repeat)
 
 
-def bench_ppo(device, iters, attn_impl="sdpa"):
+# model FLOPs of one PPO iteration (forward = 2 FLOPs per weight per token; backward = 2 × forward; attention
+# 4·L·C per token and per position it reads), at the fixed setting: what a perfect implementation must compute
+def ppo_iteration_flops(cfg, B=64, Tp=16, Tn=48, epochs=4):
+    L, C, V = cfg.n_layer, cfg.n_embd, cfg.vocab_size
+    trunk = 2 * 12 * L * C * C                    # per token: attention and MLP projections
+    head = 2 * V * C                              # per token that needs the vocabulary
+    S = Tp + Tn
+    gen = B * (Tp * (trunk + 2 * L * C * Tp) + sum(trunk + 4 * L * C * (Tp + t) + head for t in range(Tn)))
+    seq = B * (S * trunk + 2 * L * C * S * S)     # one full forward of the batch's sequences (causal attention)
+    score = 2 * (seq + B * Tn * head) + 2 * seq   # policy and reference (with the head), critic and reward model
+    update = epochs * 3 * (2 * seq + B * Tn * head)  # policy (with the head) and critic, forward + backward
+    return {"rollout": gen + score, "update": update}
+
+
+def cpu_peak_gflops(threads, n=1024, seconds=1.0):
+    """The machine's attainable fp32 matmul rate (GFLOP/s): the best of repeated n×n @ n×n products."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def bench_ppo(device, iters, attn_impl="sdpa", vocab=512):
     """PPO iterations at the PPO issue's fixed setting, through the same rollout() and update() as train_ppo.py:
     GPT-2 architecture 4 layers / 4 heads / n_embd 128 / vocab 512 / block 256; 64 prompts of 16 tokens; exactly
-    48 new tokens; 4 epochs x 4 minibatches; a separate critic; fp32. Random weights: the work is the same."""
+    48 new tokens; 4 epochs x 4 minibatches; a separate critic; fp32. Random weights: the work is the same.
+    vocab: 512 (the PPO issue's setting) or GPT-2's 50,257 (where the LM head dominates)."""
     from types import SimpleNamespace
     import train_ppo
     from model import GPTScalar
-    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=256, attn_impl=attn_impl)
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=vocab, block_size=256, attn_impl=attn_impl)
     policy, ref, critic, rm = GPT(cfg).to(device), GPT(cfg).to(device), GPTScalar(cfg).to(device), GPTScalar(cfg).to(device)
     ref.eval().requires_grad_(False)
     rm.eval().requires_grad_(False)
-    tok = SimpleNamespace(pad_id=511, eos_id=510)
+    tok = SimpleNamespace(pad_id=vocab - 1, eos_id=vocab - 2)
     args = SimpleNamespace(response_length=48, temperature=1.0, ppo_epochs=4, num_minibatches=4, cliprange=0.2,
                            cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, whiten_rewards=0, grad_clip=1.0,
                            policy_loss="clip", ptx_coef=0.0, missing_eos_penalty=-1.0)
@@ -106,7 +136,7 @@ def bench_ppo(device, iters, attn_impl="sdpa"):
     opt_c = GPT.configure_optimizers(critic, 0.0, 1e-5, (0.9, 0.999), 1e-5, device)
     gen = torch.Generator(device=device).manual_seed(0)
     cpu_gen = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, 510, (64, 16), generator=cpu_gen).tolist()
+    prompts = torch.randint(0, vocab - 2, (64, 16), generator=cpu_gen).tolist()
     dtype = "bfloat16" if device == "cuda" else "float32"
     rollout_s, update_s = [], []
     import gc
@@ -126,7 +156,9 @@ def bench_ppo(device, iters, attn_impl="sdpa"):
             rollout_s.append(t1 - t0)
             update_s.append(t2 - t1)
     total = [a + b for a, b in zip(rollout_s, update_s)]
-    return {"ppo_iter_seconds": round(statistics.median(total), 3),
+    flops = ppo_iteration_flops(cfg)
+    return {"ppo_vocab": vocab, "ppo_iter_seconds": round(statistics.median(total), 3),
+            "ppo_model_gflop": round((flops["rollout"] + flops["update"]) / 1e9, 1),
             "ppo_rollout_seconds": round(statistics.median(rollout_s), 3),
             "ppo_update_seconds": round(statistics.median(update_s), 3)}
 
@@ -148,6 +180,8 @@ def main():
     p.add_argument("--model", type=C.flag01, default=1, help="1: time training and sampling")
     p.add_argument("--ppo", type=C.flag01, default=1, help="1: time PPO iterations at the PPO issue's fixed setting")
     p.add_argument("--attn_impl", default="sdpa", choices=["sdpa", "explicit"], help="attention path of the PPO run")
+    p.add_argument("--vocab", type=C.count(3), default=512, help="vocabulary of the PPO run: 512 (the PPO issue's "
+                                                                 "setting) or 50257 (GPT-2's tokenizer)")
     p.add_argument("--ppo_iters", type=C.count(), default=5, help="timed PPO iterations (after one warm-up)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -164,7 +198,8 @@ def main():
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({args.threads} threads)",
               "config": args.config, "torch": torch.__version__}
     if args.model:
-        model = GPT(GPTConfig(**CONFIGS[args.config])).to(device)
+        cfg = {**CONFIGS[args.config], **({"vocab_size": args.vocab} if args.config == "small" else {})}
+        model = GPT(GPTConfig(**cfg)).to(device)
         result["params"] = model.get_num_params()
         seq = min(args.train_seq, model.config.block_size)
         result["train_tokens_per_s"] = round(bench_train(model, device, args.train_batch, seq, args.repeat, autocast))
@@ -179,7 +214,14 @@ def main():
             print(f"{key}: {result[key]}", file=sys.stderr)
         result["kv_cache_speedup"] = round(result["sample_tokens_per_s_cache"] / result["sample_tokens_per_s_nocache"], 2)
     if args.ppo:
-        result.update(bench_ppo(device, args.ppo_iters, args.attn_impl))
+        result.update(bench_ppo(device, args.ppo_iters, args.attn_impl, args.vocab))
+        if device == "cpu":  # the FLOP floor: the iteration's model FLOPs at the machine's measured fp32 matmul rate
+            peak = cpu_peak_gflops(args.threads)
+            floor = result["ppo_model_gflop"] / peak
+            result.update(cpu_peak_gflops=round(peak, 1), ppo_floor_seconds=round(floor, 3),
+                          ppo_floor_fraction=round(floor / result["ppo_iter_seconds"], 3))
+            print(f"ppo: FLOP floor {floor:.2f} s at {peak:.0f} GFLOP/s: {floor / result['ppo_iter_seconds']:.0%} of it "
+                  f"achieved", file=sys.stderr)
         print(f"ppo: {result['ppo_iter_seconds']:.2f} s/iter (rollout {result['ppo_rollout_seconds']:.2f} s, "
               f"update {result['ppo_update_seconds']:.2f} s)", file=sys.stderr)
     result["peak_memory_mb"] = round(peak_memory_mb(device))

@@ -30,7 +30,7 @@ import torch
 import common as C
 import ppo
 import reward
-from model import GPT, GPTConfig, GPTScalar, logprobs_from_logits
+from model import GPT, GPTConfig, GPTScalar, head_logprobs
 
 
 def get_args(argv=None):
@@ -140,11 +140,10 @@ def load_models(args, device):
 
 def response_logprobs(model, tokens, attn_mask, responses, response_mask, Tp, temperature, with_entropy=False):
     """log π(y_t | s_t) of each response token, from logits / T at positions Tp−1 … Tp+Tn−2 (the off-by-one of
-    RLHF_DETAILS #5). Only response positions go through the vocabulary projection."""
-    h = model.hidden(tokens, attn_mask)                                                # (B, Tp+Tn, C)
-    logits = model.lm_head(h[:, Tp - 1:-1]).float() / temperature                      # (B, Tn, V)
-    lp = logprobs_from_logits(logits, responses.masked_fill(~response_mask, 0))        # (B, Tn)
-    return (lp, ppo.entropy_from_logits(logits)) if with_entropy else lp
+    RLHF_DETAILS #5), 0 after the response's end. Only real response positions go through the vocabulary
+    projection, a chunk at a time (model.head_logprobs): no (B, Tn, V) tensor is ever made."""
+    h = model.hidden(tokens, attn_mask)[:, Tp - 1:-1]                                  # (B, Tn, C)
+    return head_logprobs(h, model.lm_head.weight, responses, temperature, with_entropy, mask=response_mask)
 
 
 def response_values(critic, tokens, attn_mask, Tp):

@@ -576,3 +576,33 @@ def test_loss_ignores_minus_one():
     close(logits2, logits, atol=0)
     close(model.lm_head(h), logits, atol=0)
     assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 97 * 5, 32 << 20])  # 5 rows a chunk (ragged last chunk), or all at once
+def test_head_logprobs_match_the_full_logits_path(chunk_bytes):
+    """model.head_logprobs (chunked, recomputing backward) against the plain path through (B, T, V) logits:
+    log_softmax(h·Wᵀ/T) gathered, its entropy, and both gradients by autograd, with masked rows left at 0."""
+    from model import head_logprobs
+    g = torch.Generator().manual_seed(0)
+    B, T, C, V, temp = 3, 7, 16, 97, 0.7
+    h = (torch.randn(B, T, C, generator=g, dtype=torch.float64) * 0.5).requires_grad_()  # logits of a few units
+    W = torch.randn(V, C, generator=g, dtype=torch.float64).requires_grad_()
+    y = torch.randint(V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4:], mask[2, 1:] = False, False
+    w_out = torch.randn(B, T, generator=g, dtype=torch.float64)  # a weighting of the outputs to backprop through
+
+    logits = (h @ W.t()) / temp                                                        # (B, T, V)
+    ref_lp = torch.log_softmax(logits, -1).gather(-1, y[..., None]).squeeze(-1) * mask
+    p = logits.softmax(-1)
+    ref_ent = -(p * p.log()).sum(-1) * mask
+    gh_ref, gw_ref = torch.autograd.grad((ref_lp * w_out).sum(), (h, W))
+
+    lp, ent = head_logprobs(h, W, y, temp, with_entropy=True, mask=mask, max_chunk_bytes=chunk_bytes)
+    close(lp.double(), ref_lp, atol=1e-5)
+    close(ent.double(), ref_ent, atol=1e-5)
+    assert (lp[~mask] == 0).all() and (ent[~mask] == 0).all()
+    gh, gw = torch.autograd.grad((lp.double() * w_out).sum(), (h, W))
+    close(gh, gh_ref, atol=1e-5)
+    close(gw, gw_ref, atol=1e-5)
+    assert gh[~mask].abs().max() == 0, "a masked row got a gradient"
