@@ -131,7 +131,7 @@ def bench_ppo(device, iters, attn_impl="sdpa", vocab=512):
     tok = SimpleNamespace(pad_id=vocab - 1, eos_id=vocab - 2)
     args = SimpleNamespace(response_length=48, temperature=1.0, ppo_epochs=4, num_minibatches=4, cliprange=0.2,
                            cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, whiten_rewards=0, grad_clip=1.0,
-                           policy_loss="clip", ptx_coef=0.0, missing_eos_penalty=-1.0)
+                           policy_loss="clip", ptx_coef=0.0, missing_eos_penalty=-1.0, algo="ppo", group_size=1)
     opt_p = policy.configure_optimizers(0.0, 1e-5, (0.9, 0.999), 1e-5, device)
     opt_c = GPT.configure_optimizers(critic, 0.0, 1e-5, (0.9, 0.999), 1e-5, device)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -212,7 +212,8 @@ def save_checkpoint(path, obj):
 
 # What a checkpoint may hold: tensors, numbers, strings, None and lists/tuples/dicts of them. torch.load with
 # weights_only=True refuses anything else (a pickled object would run its code while loading).
-KINDS = {"sft": "an SFT model (train_sft.py)", "rm": "a reward model (train_rm.py)", "ppo": "a PPO policy (train_ppo.py)"}
+KINDS = {"sft": "an SFT model (train_sft.py)", "rm": "a reward model (train_rm.py)", "ppo": "a PPO policy (train_ppo.py)",
+         "dpo": "a DPO policy (train_dpo.py)"}
 
 
 def load_checkpoint(path, what="checkpoint", kinds=None, complete=False):
@@ -233,7 +234,7 @@ def load_checkpoint(path, what="checkpoint", kinds=None, complete=False):
     except Exception as e:  # a truncated or foreign file
         fail(f"could not read {what} {path}: {first_line(e)[:300]}")
     if not isinstance(ck, dict) or "stage" not in ck:
-        fail(f"{what} {path}: not a checkpoint of train_sft.py, train_rm.py or train_ppo.py")
+        fail(f"{what} {path}: not a checkpoint of train_sft.py, train_rm.py, train_ppo.py or train_dpo.py")
     stage = ck["stage"]
     if kinds is not None and stage not in kinds:
         fail(f"{what} {path} is {KINDS.get(stage, repr(stage))}, expected " + " or ".join(KINDS[k] for k in kinds))
@@ -350,6 +351,14 @@ class RunLog:
             print(fmt, flush=True)
 
 
+def peak_memory_mb(device):
+    """The process's peak memory: the CUDA allocator's on a GPU, the resident set elsewhere (Linux reports KiB)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def eta(start_time, done, total):
     if done <= 0:
         return "?"
@@ -419,6 +428,128 @@ class ChatData:
             x[i, :n] = ids_t[:-1]
             y[i, :n] = torch.where(mask_t[1:], ids_t[1:], -1)  # learn token t+1 only where it is the assistant's
         return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ranked comparisons as batches (train_rm.py, and DPO's pairs in train_dpo.py), and their held-out accuracy
+
+
+def drop_ties(items, where):
+    """A response that is the same text as a better-ranked one carries no preference (its pairs only add ln 2 to
+    the loss and count as errors in the accuracy): it is dropped, and so is a prompt left with fewer than 2."""
+    out, dup = [], 0
+    for it in items:
+        seen = []
+        for r in it["responses"]:  # best first: the first copy keeps its rank
+            if r in seen:
+                dup += 1
+            else:
+                seen.append(r)
+        if len(seen) >= 2:
+            out.append({**it, "responses": seen})
+    if dup:
+        print(f"note: {where}: {dup} responses were the same text as a better-ranked one and were dropped "
+              f"({len(items) - len(out)} prompts left without a pair)")
+    if not out:
+        fail(f"{where}: no comparison left with two different responses")
+    return out
+
+
+class Comparisons:
+    """Each item: K token sequences (prompt + response + EOS), best first. A batch flattens the items' responses
+    into one right-padded (ΣK, T) tensor, so the whole batch goes through the model in one forward pass."""
+
+    def __init__(self, items, tok, max_tokens, where):
+        from collections import Counter
+
+        from tokenizer import render_chat
+        self.items, self.learn = [], []  # token ids, and 1 on each response's own tokens (its EOS included)
+        cuts = Counter()
+        for it in items:
+            rendered = [render_chat(tok, it["prompt"] + [{"role": "assistant", "content": r}], max_tokens, cuts)
+                        for r in it["responses"]]
+            self.items.append([ids for ids, _ in rendered])
+            self.learn.append([m for _, m in rendered])
+        report_cuts(where, cuts, sum(len(s) for s in self.items), max_tokens)
+        if not self.items:
+            fail(f"{where}: no comparisons")
+        self.n_pairs = sum(math.comb(len(s), 2) for s in self.items)
+        self.lengths = torch.tensor([max(len(seq) for seq in seqs) for seqs in self.items])  # padded length per item
+
+    def epoch_order(self, batch, generator, group=32):
+        """A random order of the items in which each batch holds items of similar length, so that little of the
+        batch is padding (on the built-in task, random batches are ~45% padding). A random permutation is cut into
+        chunks of `group` batches; each chunk is sorted by length, cut into batches, and those batches shuffled.
+        Which items share a chunk, and the order of the batches, stay random."""
+        perm = torch.randperm(len(self.items), generator=generator)                    # (N,)
+        chunks = []
+        for c in range(0, len(perm), group * batch):
+            chunk = perm[c:c + group * batch]
+            chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]        # short to long
+            batches = list(chunk.split(batch))
+            full = [b for b in batches if len(b) == batch]  # a short last batch stays last, so batches stay aligned
+            chunks += [full[i] for i in torch.randperm(len(full), generator=generator).tolist()] + batches[len(full):]
+        return torch.cat(chunks)                                                       # (N,)
+
+    def batch(self, idx, device):
+        """(x, mask, k, where, learn): the items' responses flattened into (ΣK, T) right-padded ids and mask, each
+        item's K, the (N, K) row of each response (−1 for padding), and the (ΣK, T) mask of response tokens."""
+        from model import right_pad
+        rows = [self.items[int(i)] for i in idx]
+        K = max(len(r) for r in rows)
+        seqs = [s for r in rows for s in r]
+        x, mask = right_pad(seqs)                                                       # (ΣK, T) each
+        learn, _ = right_pad([m for i in idx for m in self.learn[int(i)]], pad_id=0)    # (ΣK, T)
+        k = torch.tensor([len(r) for r in rows])                                        # (N,)
+        where = torch.full((len(rows), K), -1, dtype=torch.long)                        # (N, K) row of each response
+        n = 0
+        for i, r in enumerate(rows):
+            where[i, :len(r)] = torch.arange(n, n + len(r))
+            n += len(r)
+        return x.to(device), mask.to(device), k.to(device), where.to(device), learn.bool().to(device)
+
+
+@torch.no_grad()
+def ranking_accuracy(scores_fn, val, batch_size, device, raw_val=None, by_term=False):
+    """scores_fn(batch) -> ((N, K) scores, (N,) K): any scorer of Comparisons batches (a reward model, or DPO's
+    implicit reward). Held-out pairwise accuracy against the labels; on the built-in task also against gold, on pairs whose
+    gold scores differ, and the noisy labeler's own agreement with gold on those pairs (the ceiling).
+    by_term: also the gold accuracy on the pairs where each term of the gold formula differs (what the reward
+    model has learned: {term: {"accuracy", "pairs"}})."""
+    import reward
+    right = total = 0
+    gold_right = gold_total = label_agree = 0
+    term_right, term_total = {}, {}
+    for s in range(0, len(val.items), batch_size):
+        idx = list(range(s, min(s + batch_size, len(val.items))))
+        r, k = scores_fn(val.batch(idx, device))
+        a, b = reward.pair_accuracy(r, k)
+        right, total = right + a, total + b
+        if raw_val is not None:
+            from data import minichat
+            for row, i in enumerate(idx):
+                item = raw_val[i]
+                golds = [minichat.gold(item["request"], resp) for resp in item["responses"]]
+                terms = [minichat.gold_terms(item["request"], resp) for resp in item["responses"]]
+                for p, q in reward.all_pairs(len(golds)):  # p ranked above q by the noisy labeler
+                    if golds[p] == golds[q]:
+                        continue
+                    ok = (r[row, p] > r[row, q]).item() == (golds[p] > golds[q])
+                    gold_total += 1
+                    label_agree += golds[p] > golds[q]
+                    gold_right += ok
+                    for t in set(terms[p]) | set(terms[q]):
+                        if terms[p].get(t, 0) != terms[q].get(t, 0):
+                            term_right[t] = term_right.get(t, 0) + ok
+                            term_total[t] = term_total.get(t, 0) + 1
+    out = {"val_accuracy": right / max(total, 1)}
+    if raw_val is not None:
+        out["val_accuracy_gold"] = gold_right / max(gold_total, 1)
+        out["labeler_agreement"] = label_agree / max(gold_total, 1)
+        if by_term:
+            out["val_accuracy_gold_by_term"] = {t: {"accuracy": term_right[t] / n, "pairs": n}
+                                                for t, n in sorted(term_total.items(), key=lambda kv: -kv[1])}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,6 +638,51 @@ def sample_responses(policy, tok, prompts, max_new_tokens, temperature, generato
             "attn_mask": torch.cat([s.prompt_mask.bool(), response_mask], 1),           # (B, Tp+Tn)
             "responses": responses, "response_mask": response_mask, "has_eos": has_eos, "Tp": Tp,
             "sampler_logprobs": s.logprobs * response_mask}                             # (B, Tn)
+
+
+def response_logprobs(model, tokens, attn_mask, responses, response_mask, Tp, temperature, with_entropy=False):
+    """log π(y_t | s_t) of each response token, from logits / T at positions Tp−1 … Tp+Tn−2 (the off-by-one of
+    RLHF_DETAILS #5), 0 after the response's end. Only real response positions go through the vocabulary
+    projection, a chunk at a time (model.head_logprobs): no (B, Tn, V) tensor is ever made."""
+    h = model.hidden(tokens, attn_mask)[:, Tp - 1:-1]                                  # (B, Tn, C)
+    from model import head_logprobs
+    return head_logprobs(h, model.lm_head.weight, responses, temperature, with_entropy, mask=response_mask)
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref, rm, mu, sigma, tok, prompts, args, device, dtype, seed, builtin, n_show=0):
+    """Proxy score (normalised RM, missing-EOS penalty; None without a reward model), KL to the SFT model (Σ k1 per response), length, EOS share,
+    and on the built-in task the gold score, on a fixed set of held-out prompts with a fixed sampling seed."""
+    import ppo
+    import reward
+    from tokenizer import render_prompt
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rows = {"score": [], "kl": [], "length": [], "eos": [], "texts": []}
+    for s in range(0, len(prompts), 128):
+        chunk = [render_prompt(tok, m, max_tokens=policy.config.block_size - args.response_length)
+                 for m in prompts[s:s + 128]]
+        b = sample_responses(policy, tok, chunk, args.response_length, args.temperature, gen, device, dtype)
+        tokens, attn, responses, mask, has_eos, Tp = (
+            b[k] for k in ("tokens", "attn_mask", "responses", "response_mask", "has_eos", "Tp"))
+        with autocast(device, dtype):
+            lp = response_logprobs(policy, tokens, attn, responses, mask, Tp, args.temperature)
+            ref_lp = response_logprobs(ref, tokens, attn, responses, mask, Tp, args.temperature)
+            raw = reward.score(rm, tokens, attn).float() if rm is not None else torch.zeros(len(chunk))
+        rows["score"] += ppo.apply_missing_eos_penalty(reward.normalize(raw, mu or 0.0, sigma or 1.0), has_eos,
+                                                       args.missing_eos_penalty).tolist()
+        rows["kl"] += (ppo.kl_k1(lp, ref_lp) * mask).sum(1).tolist()
+        rows["length"] += mask.sum(1).tolist()
+        rows["eos"] += has_eos.tolist()
+        rows["texts"] += [decode_response(tok, r, m) for r, m in zip(responses.cpu(), mask.cpu())]
+    n = len(rows["score"])
+    out = {"score": sum(rows["score"]) / n if rm is not None else None, "kl": sum(rows["kl"]) / n,
+           "length": sum(rows["length"]) / n, "eos_share": sum(rows["eos"]) / n}
+    if builtin:
+        rep = gold_report([m[-1]["content"] for m in prompts], rows["texts"])
+        out.update(gold=rep["gold_mean"], gold_std=rep["gold_std"], well_formed=rep["well_formed"])
+    show_samples([m[-1]["content"] for m in prompts], rows["texts"], n_show)
+    out["samples"] = [{"prompt": m[-1]["content"], "response": t, "eos": e} for m, (t, e) in zip(prompts, rows["texts"])]
+    return out
 
 
 def show_samples(requests, samples, n):

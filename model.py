@@ -470,49 +470,54 @@ def logprobs_from_logits(logits, tokens):
 # log π(y) = z_y − logsumexp(z),  H = logsumexp(z) − Σ_a softmax(z)_a z_a,  z = h·Wᵀ / T   (the LM head, by chunks)
 class HeadLogprobs(torch.autograd.Function):
     """Log-probs (and exact entropy) of given tokens straight from the final hidden states and the LM head's
-    weight, a chunk of rows at a time: the (N, V) logits, their log-softmax and their gradient never exist whole
-    (at GPT-2's 50k vocabulary they are 150 MB each per minibatch). The backward recomputes each chunk's logits
-    instead of storing them: d log π(y)/dz = onehot(y) − softmax(z), times 1/T. Same numbers as
-    logprobs_from_logits(lm_head(h) / T), to fp32 rounding."""
+    weight, a chunk of rows at a time: no (N, V) logits or log-softmax tensor is ever made (at GPT-2's 50k vocabulary
+    each would be 150 MB per minibatch), and h is scaled by 1/T before the matmul (a pass over (k, C), not (k, V)).
+    When a gradient is needed the softmax is kept for the backward, made in place of each chunk's logits:
+    d log π(y)/dz = onehot(y) − softmax(z), times 1/T. Same numbers as logprobs_from_logits(lm_head(h) / T), to
+    fp32 rounding."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, chunk, with_entropy):
+    def forward(ctx, h, weight, targets, temperature, chunk, with_entropy, keep):
+        """keep: a backward will follow (grad mode on, an input that requires grad), so keep the softmax."""
         N = h.size(0)                                                                  # h (N, C), weight (V, C)
         lp = torch.empty(N, device=h.device)                                           # (N,)
-        lse = torch.empty(N, device=h.device)                                          # (N,)
         ent = torch.empty(N, device=h.device) if with_entropy else None                # (N,)
+        probs = []
         for s in range(0, N, chunk):
             rows = slice(s, s + chunk)
-            z = (h[rows] @ weight.t()).float().div_(temperature)                       # (k, V) logits / T
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            lp[rows] = z.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
-            if with_entropy:  # H = lse − Σ p·z, with p = exp(z − lse) made in place of a copy of z
-                p = (z - lse[rows, None]).exp_()                                       # (k, V) softmax
-                ent[rows] = lse[rows] - torch.linalg.vecdot(p, z)
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
+            z = ((h[rows] * (1.0 / temperature)) @ weight.t()).float()                 # (k, V) logits / T
+            lse = torch.logsumexp(z, dim=-1)                                           # (k,)
+            lp[rows] = z.gather(1, targets[rows, None]).squeeze(1) - lse
+            if with_entropy or keep:
+                p = (z - lse[:, None]).exp_()                                          # (k, V) softmax
+                if with_entropy:  # H = lse − Σ p·z
+                    ent[rows] = lse - torch.linalg.vecdot(p, z)
+                if keep:
+                    probs.append(p)
+        ctx.save_for_backward(h, weight, targets)
+        ctx.temperature, ctx.chunk, ctx.probs = temperature, chunk, probs
         if with_entropy:
             ctx.mark_non_differentiable(ent)  # logged, never in a loss
         return lp, ent
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
-        h, weight, targets, lse = ctx.saved_tensors
+        h, weight, targets = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, device=weight.device) if ctx.needs_input_grad[1] else None  # (V, C)
         w32 = weight.float()
-        for s in range(0, h.size(0), chunk):
+        for c, s in enumerate(range(0, h.size(0), chunk)):
             rows = slice(s, s + chunk)
-            hc, g = h[rows], grad_lp[rows].float()                                     # (k, C), (k,)
-            # dL/dz = g · (onehot(y) − softmax(z)) / T, built in place in the recomputed logits' memory
-            gz = (hc @ weight.t()).float().div_(T).sub_(lse[rows, None]).exp_()        # (k, V) softmax
-            gz.mul_(-g[:, None] / T).scatter_add_(1, targets[rows, None], g[:, None] / T)
+            hc, g = h[rows], grad_lp[rows].float() / T                                 # (k, C), (k,)
+            # dL/dz = g · (onehot(y) − softmax(z)) / T, built in place of the kept softmax
+            gz = ctx.probs[c].mul_(-g[:, None]).scatter_add_(1, targets[rows, None], g[:, None])  # (k, V)
             if grad_h is not None:
                 grad_h[rows] = (gz @ w32).to(h.dtype)                                  # (k, C)
             if grad_w is not None:
                 grad_w.addmm_(gz.t(), hc.float())                                      # (V, C)
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+        ctx.probs = None
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 
 def head_logprobs(h, weight, tokens, temperature=1.0, with_entropy=False, mask=None, max_chunk_bytes=32 << 20):
@@ -522,7 +527,8 @@ def head_logprobs(h, weight, tokens, temperature=1.0, with_entropy=False, mask=N
     B, T, C = h.size()
     mask = torch.ones(B, T, dtype=torch.bool, device=h.device) if mask is None else mask.bool()
     chunk = max(1, max_chunk_bytes // (4 * weight.size(0)))  # rows whose fp32 logits fit the budget
-    lp_real, ent_real = HeadLogprobs.apply(h[mask], weight, tokens[mask], temperature, chunk, with_entropy)
+    keep = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)  # in no_grad: keep nothing
+    lp_real, ent_real = HeadLogprobs.apply(h[mask], weight, tokens[mask], temperature, chunk, with_entropy, keep)
     lp = torch.zeros(B, T, device=h.device).masked_scatter(mask, lp_real)              # (B, T)
     if not with_entropy:
         return lp

@@ -200,6 +200,65 @@ def explained_variance(values, returns, mask):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# critic-free estimators: k answers per prompt, the other answers of the same prompt are the baseline. Rows of a
+# batch come in groups: rows g·k … g·k + k − 1 answer the same prompt.
+
+
+# A_i = r_i − 1/(k−1) Σ_{j≠i} r_j  =  k/(k−1) · (r_i − mean_j r_j)              (RLOO, Ahmadian et al. 2024)
+def rloo_advantages(returns, k):
+    """Leave-one-out baseline: each answer is compared with the mean of the *other* k − 1 answers to its prompt
+    (unbiased: the baseline does not depend on the answer itself). returns (B,) sequence returns, B = groups × k.
+    r = [1, 2, 3, 6] -> [−2.6667, −1.3333, 0, 4] (the group mean would give [−2, −1, 0, 3])."""
+    assert k >= 2 and returns.numel() % k == 0, f"RLOO needs groups of k ≥ 2 answers, got {returns.numel()} rows, k={k}"
+    r = returns.view(-1, k)                                                            # (G, k)
+    baseline = (r.sum(1, keepdim=True) - r) / (k - 1)                                  # (G, k) mean of the others
+    return (r - baseline).view(-1)                                                     # (B,)
+
+
+# A_i = (r_i − mean(r)) / (std(r) + ε), std with k − 1                        (GRPO, Shao et al. 2024, DeepSeekMath)
+# Dr. GRPO (Liu et al. 2025): A_i = r_i − mean(r), no division by the std
+def grpo_advantages(scores, k, scale=True, eps=1e-4):
+    """Group-relative advantages. scores (B,), B = groups × k. With the sample std (the paper's):
+    r = [1, 2, 3, 6] -> [−0.9258, −0.4629, 0, 1.3887]; scale=False (Dr. GRPO) -> [−2, −1, 0, 3]."""
+    assert k >= 2 and scores.numel() % k == 0, f"GRPO needs groups of k ≥ 2 answers, got {scores.numel()} rows, k={k}"
+    r = scores.view(-1, k)                                                             # (G, k)
+    a = r - r.mean(1, keepdim=True)                                                    # (G, k)
+    if scale:
+        a = a / (r.std(1, keepdim=True) + eps)  # torch.std is the sample std (k − 1), as in the paper
+    return a.view(-1)                                                                  # (B,)
+
+
+# J = 1/G Σ_i 1/|o_i| Σ_t [ min(ρ_t A_i, clip(ρ_t, 1±ε) A_i) − β k3_t ],  k3 = π_ref/π − log(π_ref/π) − 1
+#   (GRPO eq. 3, Shao et al. 2024); Dr. GRPO divides every answer by the same constant L instead of |o_i|
+def policy_loss_grpo(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange=0.2, kl_coef=0.04,
+                     length_norm=None):
+    """GRPO's loss to minimise: the clipped surrogate per token with the answer's advantage at every token, and the
+    KL to the reference as a loss term (k3, unbiased and ≥ 0) rather than a shaped reward. Each answer's token sum
+    is divided by its own length (length_norm=None, the paper) or by a constant (Dr. GRPO: the generation budget),
+    then the mean over answers. advantages: (B,) one per answer."""
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)                                        # (B, T)
+    adv = advantages[:, None]                                                         # (B, 1)
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * adv)  # (B, T)
+    kl = kl_k3(logprobs, ref_logprobs)                                                # (B, T) ≥ 0
+    per_token = -(surrogate - kl_coef * kl) * mask                                    # (B, T)
+    norm = mask.sum(1).clamp(min=1) if length_norm is None else torch.full_like(mask[:, 0], float(length_norm))
+    loss = (per_token.sum(1) / norm).mean()
+    with torch.no_grad():
+        clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * adv < ratio * adv  # the clip is what counts
+        stats = {"clipfrac": masked_mean(clipped.float(), mask), "kl_ref": masked_mean(kl, mask),
+                 "approxkl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask),
+                 "ratio_max_dev": ((ratio - 1).abs() * mask).max()}
+    return loss, stats
+
+
+# ∇J = E_i[ A_i ∇ Σ_t log π(y_t) ]: REINFORCE on the whole answer, with the RLOO baseline    (Ahmadian et al. 2024)
+def policy_loss_reinforce(logprobs, advantages, mask):
+    """−mean_i A_i · Σ_t log π(y_t | s_t), the sequence-level REINFORCE loss. advantages: (B,) one per answer."""
+    return -(advantages * (logprobs * mask.to(logprobs.dtype)).sum(1)).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the KL coefficient β
 
 

@@ -72,6 +72,52 @@ def normalize(scores, mu, sigma):
     return (scores - mu) / sigma
 
 
+# h = β[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))],  loss = −log σ(h)   (DPO, Rafailov et al. 2023)
+def dpo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta=0.1):
+    """DPO on pairs of sequence log-probs (summed over response tokens). Returns (mean loss, h per pair). The
+    implicit reward of an answer is β(log π(y) − log π_ref(y)): DPO is the Bradley–Terry loss on it. β = 0.1,
+    log π(y_w) = −10, log π_ref(y_w) = −12, log π(y_l) = −15, log π_ref(y_l) = −14 -> h = 0.3, loss 0.554355;
+    at π = π_ref the loss is ln 2 for every pair."""
+    h = beta * ((logp_w - ref_logp_w) - (logp_l - ref_logp_l))                        # (P,)
+    return -F.logsigmoid(h).mean(), h
+
+
+# loss = (h/β − 1/(2β))²,  h/β the log-ratio margin                                   (IPO, Azar et al. 2023)
+def ipo_loss(logp_w, ref_logp_w, logp_l, ref_logp_l, beta=0.1):
+    """IPO: a squared loss that pulls the log-ratio margin to 1/(2β) instead of pushing it to infinity. The DPO
+    vector above gives (3 − 5)² = 4.0."""
+    margin = (logp_w - ref_logp_w) - (logp_l - ref_logp_l)                            # (P,)
+    return ((margin - 1 / (2 * beta)) ** 2).mean(), beta * margin
+
+
+# DPO over all C(K,2) pairs of a ranking is InstructGPT's ranking loss on the implicit rewards r = β log π/π_ref:
+#   ranking_loss(β · logratio, k).  IPO's over the same pairs:
+# loss = 1/C(K,2) Σ_{i<j} ((ℓ_i − ℓ_j) − 1/(2β))²,  ℓ = log π(y) − log π_ref(y)        (IPO, Azar et al. 2023)
+def ipo_ranking_loss(logratio, beta, k=None):
+    """logratio (N, K): log π − log π_ref of each prompt's K responses, best first; k (N,) real responses per row."""
+    N, K = logratio.shape
+    k = torch.full((N,), K, device=logratio.device) if k is None else k
+    i, j = torch.triu_indices(K, K, offset=1, device=logratio.device)                # (P,) each, i ranked higher
+    pair_loss = (logratio[:, i] - logratio[:, j] - 1 / (2 * beta)) ** 2               # (N, P)
+    valid = (j[None, :] < k[:, None]).float()                                         # (N, P)
+    return ((pair_loss * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+
+
+# P(ranking) = Π_{p=1}^{K−1} exp(r_p) / Σ_{q≥p} exp(r_q),  loss = −1/(K−1) log P          (Plackett–Luce; DPO §A.3)
+def plackett_luce_loss(rewards, k=None):
+    """The whole ranking's likelihood under Plackett–Luce, per position averaged, then the mean over prompts.
+    rewards (N, K) best first. With K = 2 it is the pairwise loss: [[2, 1]] -> 0.313262."""
+    N, K = rewards.shape
+    k = torch.full((N,), K, device=rewards.device) if k is None else k
+    pos = torch.arange(K, device=rewards.device)                                      # (K,)
+    real = pos[None, :] < k[:, None]                                                  # (N, K)
+    r = rewards.masked_fill(~real, float("-inf"))                                     # (N, K)
+    # log Σ_{q ≥ p} exp(r_q): a reversed cumulative logsumexp
+    tail = torch.logcumsumexp(r.flip(1), dim=1).flip(1)                               # (N, K)
+    terms = (r - tail).masked_fill(~real | (pos[None, :] == (k[:, None] - 1)), 0.0)   # the last position is certain
+    return (-(terms.sum(1)) / (k - 1).clamp(min=1)).mean()
+
+
 def all_pairs(ranking_len):
     """The C(K,2) (better, worse) index pairs of a list ranked best first."""
     return list(itertools.combinations(range(ranking_len), 2))

@@ -1,7 +1,7 @@
 """
 Talk to any stage's checkpoint.
 
-  SFT or PPO checkpoint: generate answers to one prompt (--prompt), to a file of prompts (--prompts_file: .txt one
+  SFT, PPO or DPO checkpoint: generate answers to one prompt (--prompt), to a file of prompts (--prompts_file: .txt one
   per line, or prompt JSONL), or chat interactively (--chat=1): a multi-turn conversation whose history is kept
   within the model's context, oldest turns dropped first. Reads lines from stdin, so it can be driven by a pipe.
   Reward-model checkpoint: print the (normalised) score of --response for --prompt.
@@ -22,10 +22,10 @@ import common as C
 
 
 def load_policy(ckpt_path, device):
-    """(GPT, tokenizer, stage) from an SFT or PPO checkpoint; (GPTScalar, tokenizer, 'rm') from a reward model's."""
+    """(GPT, tokenizer, stage) from an SFT, PPO or DPO checkpoint; (GPTScalar, tokenizer, 'rm') from a reward model's."""
     from model import GPT, GPTConfig
     from tokenizer import Tokenizer
-    ck = C.load_checkpoint(ckpt_path, "--ckpt", kinds=("sft", "rm", "ppo"))
+    ck = C.load_checkpoint(ckpt_path, "--ckpt", kinds=("sft", "rm", "ppo", "dpo"))
     stage = ck["stage"]
     tok = Tokenizer.from_dict(ck["tokenizer"])
     if stage == "rm":

@@ -16,6 +16,12 @@ iteration), evals.json (held-out evaluations), samples_before.json / samples_aft
 
   python train_ppo.py                                    # built-in task, after train_sft.py and train_rm.py
   python train_ppo.py --kl_coef=0.02 --target_kl=0       # a fixed β
+  python train_ppo.py --algo=rloo --group_size=4         # RLOO: no critic, the other answers are the baseline
+  python train_ppo.py --algo=grpo --group_size=4         # GRPO: group-normalised advantages, KL as a loss term
+
+--algo picks the advantage estimator and the policy loss; the loop, the rollout, the reward model, the KL to the
+reference and the logs are the same for all three. The critic-free ones build no critic (no value network, no
+gradients or Adam states for it: half of the trained parameters' memory).
 """
 
 import argparse
@@ -30,7 +36,7 @@ import torch
 import common as C
 import ppo
 import reward
-from model import GPT, GPTConfig, GPTScalar, head_logprobs
+from model import GPT, GPTConfig, GPTScalar
 
 
 def get_args(argv=None):
@@ -54,6 +60,17 @@ def get_args(argv=None):
     a("--whiten_rewards", type=C.flag01, default=0, help="1: whiten the rewards (keeping their mean) before GAE")
     a("--gamma", type=C.unit, default=1.0, help="γ: discount")
     a("--lam", type=C.unit, default=0.95, help="λ: GAE parameter")
+    # the estimator: PPO (GAE with a critic), or critic-free with k answers per prompt
+    a("--algo", default="ppo", choices=["ppo", "rloo", "grpo"],
+      help="ppo: GAE and a critic; rloo: leave-one-out baseline over --group_size answers (Ahmadian et al. 2024); "
+           "grpo: group-normalised advantages, KL to the reference as a k3 loss term (Shao et al. 2024)")
+    a("--group_size", type=C.count(0), default=0, help="k: answers sampled per prompt (0 = 1 for ppo, 4 otherwise); "
+                                                       "--batch_size counts answers, so it takes batch_size / k prompts")
+    a("--rloo_loss", default="clip", choices=["clip", "reinforce"],
+      help="rloo: PPO-clip over the answer's tokens, or REINFORCE on the whole answer (the paper's, exact with "
+           "--ppo_epochs=1 --num_minibatches=1)")
+    a("--dr_grpo", type=C.flag01, default=0, help="grpo: 1 = Dr. GRPO (Liu et al. 2025): no division by the group's "
+                                                 "std, each answer's token sum divided by --response_length")
     # PPO
     a("--policy_loss", default="clip", choices=["clip", "penalty"], help="clipped surrogate, or PPO's KL penalty")
     a("--cliprange", type=C.positive, default=0.2, help="ε of the clipped surrogate")
@@ -92,6 +109,14 @@ def get_args(argv=None):
     a("--seed", type=int, default=1337)
     C.add_run_flags(a)
     args = p.parse_args(argv)
+    args.group_size = args.group_size or (1 if args.algo == "ppo" else 4)
+    if args.algo != "ppo" and args.group_size < 2:
+        C.fail(f"--algo={args.algo} needs --group_size ≥ 2 (the other answers to a prompt are its baseline)")
+    if args.algo != "ppo" and (args.policy_loss != "clip" or args.whiten_rewards):
+        C.fail(f"--algo={args.algo} has its own loss and no per-token rewards: --policy_loss=penalty and "
+               "--whiten_rewards=1 are PPO's")
+    if args.batch_size % args.group_size:
+        C.fail(f"--batch_size={args.batch_size} (answers) is not divisible by --group_size={args.group_size}")
     if args.batch_size % args.num_minibatches:
         C.fail(f"--batch_size={args.batch_size} is not divisible by --num_minibatches={args.num_minibatches}")
     for flag in ("prompts", "eval_prompts", "ptx_data"):
@@ -124,26 +149,21 @@ def load_models(args, device):
     ref = GPT(config)
     ref.load_state_dict(sft["model"])
     rm, mu, sigma = reward.load_reward_model(rm_ckpt, device)
-    critic = GPTScalar(GPTConfig(**{**rm_ckpt["model_args"], "dropout": 0.0}))
-    critic.load_state_dict(rm_ckpt["model"])
-    with torch.no_grad():  # fold the normalisation into the critic's head: at first, V(last token) = (r − μ)/σ
-        critic.head.weight /= sigma
-        critic.head.bias.sub_(mu).div_(sigma)
+    critic = None  # the critic-free estimators build none
+    if args.algo == "ppo":
+        critic = GPTScalar(GPTConfig(**{**rm_ckpt["model_args"], "dropout": 0.0}))
+        critic.load_state_dict(rm_ckpt["model"])
+        with torch.no_grad():  # fold the normalisation into the critic's head: at first, V(last token) = (r − μ)/σ
+            critic.head.weight /= sigma
+            critic.head.bias.sub_(mu).div_(sigma)
+        critic = critic.to(device).eval()
     # The reference keeps fp32 weights like the policy, under the same autocast: it must compute its log-probs
     # exactly as the policy does, so that KL is exactly 0 at iteration 0 in bf16 too and the policy never pays a
     # KL penalty for rounding. The reward model is compared with nothing: bf16 weights on CUDA save its memory.
     ref.eval().requires_grad_(False)
     if device.startswith("cuda") and args.dtype in ("auto", "bfloat16"):
         rm.to(torch.bfloat16)
-    return policy.to(device).eval(), ref.to(device), critic.to(device).eval(), rm, mu, sigma, tok
-
-
-def response_logprobs(model, tokens, attn_mask, responses, response_mask, Tp, temperature, with_entropy=False):
-    """log π(y_t | s_t) of each response token, from logits / T at positions Tp−1 … Tp+Tn−2 (the off-by-one of
-    RLHF_DETAILS #5), 0 after the response's end. Only real response positions go through the vocabulary
-    projection, a chunk at a time (model.head_logprobs): no (B, Tn, V) tensor is ever made."""
-    h = model.hidden(tokens, attn_mask)[:, Tp - 1:-1]                                  # (B, Tn, C)
-    return head_logprobs(h, model.lm_head.weight, responses, temperature, with_entropy, mask=response_mask)
+    return policy.to(device).eval(), ref.to(device), critic, rm, mu, sigma, tok
 
 
 def response_values(critic, tokens, attn_mask, Tp):
@@ -169,40 +189,53 @@ def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen
 
     # 2. log-probs of the policy and of the frozen reference (same T, same autocast), values from the critic
     with C.autocast(device, dtype):
-        logprobs, entropy = response_logprobs(policy, tokens, attn_mask, responses, response_mask, Tp,
+        logprobs, entropy = C.response_logprobs(policy, tokens, attn_mask, responses, response_mask, Tp,
                                               args.temperature, with_entropy=True)     # (B, Tn) each
         # RLHF_DETAILS #27 in its real meaning: the training forward at the sampler's own weights must give the
         # log-probs the KV-cached sampler drew each token with. A temperature, position-id, padding or cache
         # mismatch between sampling and training shows here, on every token of every iteration.
         sampler_dev = check_sampler_logprobs(s["sampler_logprobs"], logprobs, response_mask, dtype)
-        ref_logprobs = response_logprobs(ref, tokens, attn_mask, responses, response_mask, Tp, args.temperature)
-        values = response_values(critic, tokens, attn_mask, Tp)                        # (B, Tn)
+        ref_logprobs = C.response_logprobs(ref, tokens, attn_mask, responses, response_mask, Tp, args.temperature)
+        values = (response_values(critic, tokens, attn_mask, Tp) if critic is not None
+                  else torch.zeros_like(logprobs))                                     # (B, Tn)
 
         # 3. score: the reward model at the last real token, normalised; a response without EOS gets the penalty
         raw = reward.score(rm, tokens, attn_mask).float()                              # (B,)
     normalised = reward.normalize(raw, mu, sigma) if oracle is None else oracle(responses, response_mask)
     scores = ppo.apply_missing_eos_penalty(normalised, has_eos, args.missing_eos_penalty)  # (B,)
 
-    # 4. KL-shaped per-token rewards: −β(log π − log π_ref) at every token, the score added at the last one
-    rewards = ppo.kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef)  # (B, Tn)
-    if args.whiten_rewards:
-        rewards = ppo.masked_whiten(rewards, response_mask, shift_mean=False)
-
-    # 5. GAE; returns before whitening; then the advantages are whitened over real tokens
-    advantages, returns = ppo.gae(rewards, values, response_mask, args.gamma, args.lam)  # (B, Tn) each
-    advantages = ppo.masked_whiten(advantages, response_mask)
-
     kl = (ppo.kl_k1(logprobs, ref_logprobs) * response_mask).sum(1)                    # (B,) k1 per response
+    if args.algo == "ppo":
+        # 4. KL-shaped per-token rewards: −β(log π − log π_ref) at every token, the score added at the last one
+        rewards = ppo.kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef)  # (B, Tn)
+        if args.whiten_rewards:
+            rewards = ppo.masked_whiten(rewards, response_mask, shift_mean=False)
+
+        # 5. GAE; returns before whitening; then the advantages are whitened over real tokens
+        advantages, returns = ppo.gae(rewards, values, response_mask, args.gamma, args.lam)  # (B, Tn) each
+        advantages = ppo.masked_whiten(advantages, response_mask)
+    else:
+        # 4–5, critic-free: one advantage per answer against the other answers to its prompt, at all its tokens.
+        # RLOO's return is KL-shaped (score − β·KL of that answer); GRPO's is the score alone (its KL is a loss term)
+        if args.algo == "rloo":
+            seq_adv = ppo.rloo_advantages(scores - kl_coef * kl, args.group_size)     # (B,)
+        else:
+            seq_adv = ppo.grpo_advantages(scores, args.group_size, scale=not args.dr_grpo)  # (B,)
+        advantages = seq_adv[:, None] * response_mask                                 # (B, Tn)
+        returns = torch.zeros_like(advantages)
+
     stats = {"objective/scores": scores.mean(), "objective/kl": kl.mean(),
              "objective/kl_k3": (ppo.kl_k3(logprobs, ref_logprobs) * response_mask).sum(1).mean(),
              "objective/entropy": ppo.masked_mean(entropy, response_mask),
              "objective/rm_raw": raw.mean(), "ppo/returns/mean": ppo.masked_mean(returns, response_mask),
-             "ppo/val/mean": ppo.masked_mean(values, response_mask),
              "response/length": response_mask.float().sum(1).mean(), "response/eos_share": has_eos.float().mean(),
              "ppo/sampler_max_dev": torch.tensor(sampler_dev)}
+    if critic is not None:
+        stats["ppo/val/mean"] = ppo.masked_mean(values, response_mask)
     return {"tokens": tokens, "attn_mask": attn_mask, "responses": responses, "response_mask": response_mask,
-            "Tp": Tp, "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns,
-            "stats": stats, "n_tokens": int(response_mask.sum())}
+            "Tp": Tp, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
+            "advantages": advantages, "returns": returns, "stats": stats, "n_tokens": int(response_mask.sum()),
+            "seq_advantages": seq_adv if args.algo != "ppo" else None}
 
 
 # max |log π_sampler − log π_trainer| over real response tokens at equal weights: fp32 differs only by the order of
@@ -229,15 +262,16 @@ class PolicyForward(torch.nn.Module):
         self.policy = policy
 
     def forward(self, tokens, attn_mask, responses, mask, Tp, temperature, ptx_x=None, ptx_y=None):
-        logprobs = response_logprobs(self.policy, tokens, attn_mask, responses, mask, Tp, temperature)
+        logprobs = C.response_logprobs(self.policy, tokens, attn_mask, responses, mask, Tp, temperature)
         ptx_loss = self.policy(ptx_x, targets=ptx_y)[1] if ptx_x is not None else None
         return logprobs, ptx_loss
 
 
 def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, gen, penalty_beta, ptx=None,
-           policy_fwd=None, critic_fwd=None):
-    """Steps 6–7: ppo_epochs × num_minibatches updates of policy and critic on one rollout batch.
-    policy_fwd / critic_fwd: the DDP-wrapped modules under torchrun (default: the plain networks)."""
+           policy_fwd=None, critic_fwd=None, kl_coef=0.0):
+    """Steps 6–7: ppo_epochs × num_minibatches updates of policy and critic on one rollout batch (the policy alone
+    for the critic-free estimators: critic is None). policy_fwd / critic_fwd: the DDP-wrapped modules under torchrun
+    (default: the plain networks). kl_coef: GRPO's β, the weight of its KL loss term."""
     policy_fwd = PolicyForward(policy) if policy_fwd is None else policy_fwd
     critic_fwd = critic if critic_fwd is None else critic_fwd
     B, Tp = batch["tokens"].size(0), batch["Tp"]
@@ -260,12 +294,20 @@ def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, g
             # 6. the clipped surrogate (or PPO-penalty) for the policy, the clipped value loss for the critic
             with C.autocast(device, dtype):
                 logprobs, ptx_loss = policy_fwd(tokens, attn_mask, responses, mask, Tp, args.temperature, x, y)
-                values = response_values(critic_fwd, tokens, attn_mask, Tp)
-            if args.policy_loss == "clip":
+                values = response_values(critic_fwd, tokens, attn_mask, Tp) if critic is not None else None
+            if args.algo == "grpo":
+                pg_loss, pg = ppo.policy_loss_grpo(logprobs, old_logprobs, batch["ref_logprobs"][idx],
+                                                   batch["seq_advantages"][idx], mask, args.cliprange, kl_coef,
+                                                   args.response_length if args.dr_grpo else None)
+            elif args.algo == "rloo" and args.rloo_loss == "reinforce":
+                pg_loss = ppo.policy_loss_reinforce(logprobs, batch["seq_advantages"][idx], mask)
+                pg = ppo.policy_loss_clipped(logprobs.detach(), old_logprobs, advantages, mask, args.cliprange)[1]
+            elif args.policy_loss == "clip":
                 pg_loss, pg = ppo.policy_loss_clipped(logprobs, old_logprobs, advantages, mask, args.cliprange)
             else:
                 pg_loss, pg = ppo.policy_loss_penalty(logprobs, old_logprobs, advantages, mask, penalty_beta)
-            vf_loss, vf = ppo.value_loss_clipped(values, old_values, returns, mask, args.cliprange_value)
+            if critic is not None:
+                vf_loss, vf = ppo.value_loss_clipped(values, old_values, returns, mask, args.cliprange_value)
             if epoch == 0 and m == 0:
                 # the first minibatch sees the rollout's own policy: ρ ≡ 1 (RLHF_DETAILS #27). A failure here
                 # means a temperature, dropout, padding or position-id mismatch between sampling and training.
@@ -279,16 +321,21 @@ def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, g
             if args.ptx_coef > 0:
                 loss = loss + args.ptx_coef * ptx_loss
             opt_policy.zero_grad(set_to_none=True)
-            opt_critic.zero_grad(set_to_none=True)
-            (loss + args.vf_coef * vf_loss).backward()
+            if critic is not None:
+                opt_critic.zero_grad(set_to_none=True)
+                loss = loss + args.vf_coef * vf_loss
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf, foreach=True)
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or math.inf, foreach=True)
             opt_policy.step()
-            opt_critic.step()
             row = {"ppo/policy/approxkl": pg["approxkl"], "ppo/policy/clipfrac": pg["clipfrac"],
-                   "ppo/loss/policy": pg_loss.detach(), "ppo/loss/value": vf_loss.detach(),
-                   "ppo/val/clipfrac": vf["clipfrac"],
-                   "ppo/val/var_explained": ppo.explained_variance(values.detach(), returns, mask)}
+                   "ppo/loss/policy": pg_loss.detach()}
+            if critic is not None:
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or math.inf, foreach=True)
+                opt_critic.step()
+                row.update({"ppo/loss/value": vf_loss.detach(), "ppo/val/clipfrac": vf["clipfrac"],
+                            "ppo/val/var_explained": ppo.explained_variance(values.detach(), returns, mask)})
+            if args.algo == "grpo":
+                row["ppo/policy/kl_ref"] = pg["kl_ref"]
             if args.ptx_coef > 0:
                 row["ppo/loss/ptx"] = ptx_loss.detach()
             stats.append(row)
@@ -310,7 +357,7 @@ def kl_old_new(policy, batch, args, device, dtype):
     for s in range(0, B, mb):
         rows = slice(s, s + mb)
         with C.autocast(device, dtype):
-            new.append(response_logprobs(policy, batch["tokens"][rows], batch["attn_mask"][rows],
+            new.append(C.response_logprobs(policy, batch["tokens"][rows], batch["attn_mask"][rows],
                                          batch["responses"][rows], batch["response_mask"][rows], batch["Tp"],
                                          args.temperature))                             # (mb, Tn)
     return ppo.masked_mean(ppo.kl_k3(batch["logprobs"], torch.cat(new)), batch["response_mask"]).item()
@@ -318,40 +365,6 @@ def kl_old_new(policy, batch, args, device, dtype):
 
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation on held-out prompts
-
-
-@torch.no_grad()
-def evaluate_policy(policy, ref, rm, mu, sigma, tok, prompts, args, device, dtype, seed, builtin, n_show=0):
-    """Proxy score (normalised RM, missing-EOS penalty), KL to the SFT model (Σ k1 per response), length, EOS share,
-    and on the built-in task the gold score, on a fixed set of held-out prompts with a fixed sampling seed."""
-    from tokenizer import render_prompt
-    gen = torch.Generator(device=device).manual_seed(seed)
-    rows = {"score": [], "kl": [], "length": [], "eos": [], "texts": []}
-    for s in range(0, len(prompts), 128):
-        chunk = [render_prompt(tok, m, max_tokens=policy.config.block_size - args.response_length)
-                 for m in prompts[s:s + 128]]
-        s = C.sample_responses(policy, tok, chunk, args.response_length, args.temperature, gen, device, dtype)
-        tokens, attn, responses, mask, has_eos, Tp = (
-            s[k] for k in ("tokens", "attn_mask", "responses", "response_mask", "has_eos", "Tp"))
-        with C.autocast(device, dtype):
-            lp = response_logprobs(policy, tokens, attn, responses, mask, Tp, args.temperature)
-            ref_lp = response_logprobs(ref, tokens, attn, responses, mask, Tp, args.temperature)
-            raw = reward.score(rm, tokens, attn).float()
-        rows["score"] += ppo.apply_missing_eos_penalty(reward.normalize(raw, mu, sigma), has_eos,
-                                                       args.missing_eos_penalty).tolist()
-        rows["kl"] += (ppo.kl_k1(lp, ref_lp) * mask).sum(1).tolist()
-        rows["length"] += mask.sum(1).tolist()
-        rows["eos"] += has_eos.tolist()
-        rows["texts"] += [C.decode_response(tok, r, m) for r, m in zip(responses.cpu(), mask.cpu())]
-    n = len(rows["score"])
-    out = {"score": sum(rows["score"]) / n, "kl": sum(rows["kl"]) / n, "length": sum(rows["length"]) / n,
-           "eos_share": sum(rows["eos"]) / n}
-    if builtin:
-        rep = C.gold_report([m[-1]["content"] for m in prompts], rows["texts"])
-        out.update(gold=rep["gold_mean"], gold_std=rep["gold_std"], well_formed=rep["well_formed"])
-    C.show_samples([m[-1]["content"] for m in prompts], rows["texts"], n_show)
-    out["samples"] = [{"prompt": m[-1]["content"], "response": t, "eos": e} for m, (t, e) in zip(prompts, rows["texts"])]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -392,17 +405,19 @@ def main(argv=None):
               + (f"; {world} processes × {args.batch_size} prompts" if world > 1 else ""))
 
     opt_policy = policy.configure_optimizers(0.0, args.learning_rate, (0.9, 0.999), args.adam_eps, device.split(":")[0])
-    opt_critic = GPT.configure_optimizers(critic, 0.0, args.critic_learning_rate, (0.9, 0.999), args.adam_eps,
-                                          device.split(":")[0])
+    opt_critic = None if critic is None else GPT.configure_optimizers(
+        critic, 0.0, args.critic_learning_rate, (0.9, 0.999), args.adam_eps, device.split(":")[0])
     kl_ctl = (ppo.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl > 0
               else ppo.FixedKLController(args.kl_coef))
     penalty_beta = args.penalty_beta
     gen = torch.Generator(device=device).manual_seed(args.seed + rank)        # sampling
     cpu_gen = torch.Generator().manual_seed(args.seed + 1 + 1000 * rank)     # prompt order, minibatch permutations
     # under torchrun, DDP averages the gradients of policy and critic over the processes
-    policy_fwd, critic_fwd = C.ddp(PolicyForward(policy), world, device), C.ddp(critic, world, device)
-    if args.compile:  # the update's two forward passes; sampling and scoring stay eager (their shapes change)
-        policy_fwd, critic_fwd = torch.compile(policy_fwd), torch.compile(critic_fwd)
+    policy_fwd = C.ddp(PolicyForward(policy), world, device)
+    critic_fwd = None if critic is None else C.ddp(critic, world, device)
+    if args.compile:  # the update's forward passes; sampling and scoring stay eager (their shapes change)
+        policy_fwd = torch.compile(policy_fwd)
+        critic_fwd = None if critic is None else torch.compile(critic_fwd)
     if world > 1:
         rank_log = C.RunLog(args.out_dir, name=f"log_rank{rank}.jsonl")  # each process's own, before all-reduce
     start_it, before, evals = 0, None, []
@@ -410,9 +425,10 @@ def main(argv=None):
     if args.resume:
         ck = C.load_checkpoint(ckpt_path, "--resume", kinds=("ppo",))
         policy.load_state_dict(ck["policy"])
-        critic.load_state_dict(ck["critic"])
         opt_policy.load_state_dict(ck["opt_policy"])
-        opt_critic.load_state_dict(ck["opt_critic"])
+        if critic is not None:
+            critic.load_state_dict(ck["critic"])
+            opt_critic.load_state_dict(ck["opt_critic"])
         kl_ctl.load_state_dict(ck["kl_ctl"])
         penalty_beta = ck["penalty_beta"]
         rngs = ck["rng"] if isinstance(ck["rng"], list) else [ck["rng"]]  # one per process (older: rank 0's only)
@@ -429,14 +445,14 @@ def main(argv=None):
         if not master:
             return
         C.save_checkpoint(ckpt_path, {
-            "stage": "ppo", "policy": policy.state_dict(), "critic": critic.state_dict(),
-            "model_args": C.model_args(policy), "opt_policy": opt_policy.state_dict(),
-            "opt_critic": opt_critic.state_dict(), "kl_ctl": kl_ctl.state_dict(), "penalty_beta": penalty_beta,
+            "stage": "ppo", "algo": args.algo, "policy": policy.state_dict(),
+            "critic": None if critic is None else critic.state_dict(), "model_args": C.model_args(policy),
+            "opt_policy": opt_policy.state_dict(), "opt_critic": None if critic is None else opt_critic.state_dict(), "kl_ctl": kl_ctl.state_dict(), "penalty_beta": penalty_beta,
             "iter": it, "before": before, "evals": evals, "args": vars(args), "tokenizer": tok.to_dict(),
             "rng": rngs, "mu": mu, "sigma": sigma, "complete": it == args.iters})
 
     def run_eval(it):
-        ev = evaluate_policy(policy, ref, rm, mu, sigma, tok, eval_prompts, args, device, dtype, args.seed + 2,
+        ev = C.evaluate_policy(policy, ref, rm, mu, sigma, tok, eval_prompts, args, device, dtype, args.seed + 2,
                              builtin, n_show=args.n_show)
         row = {"iter": it, "kl_coef": kl_ctl.value, **{k: v for k, v in ev.items() if k != "samples"}}
         evals.append(row)
@@ -459,10 +475,12 @@ def main(argv=None):
     for it in range(start_it, args.iters):
         for group in opt_policy.param_groups:
             group["lr"] = args.learning_rate * lr_frac(it)
-        for group in opt_critic.param_groups:
+        for group in (opt_critic.param_groups if critic is not None else []):
             group["lr"] = args.critic_learning_rate * lr_frac(it)
         t0 = time.time()
-        pick = torch.randint(len(train_prompts), (args.batch_size,), generator=cpu_gen).tolist()
+        # batch_size answers: batch_size / k prompts, each answered k times in a row (k = 1 for PPO)
+        pick = torch.randint(len(train_prompts), (args.batch_size // args.group_size,), generator=cpu_gen)
+        pick = pick.repeat_interleave(args.group_size).tolist()
         oracle = None
         if args.oracle:  # gold of each response, normalised like the reward model: SFT samples -> mean 0, std 1
             from data import minichat
@@ -474,7 +492,7 @@ def main(argv=None):
                         kl_ctl.value, gen, device, dtype, oracle=oracle)
         t1 = time.time()
         upd = update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, cpu_gen, penalty_beta, ptx,
-                     policy_fwd, critic_fwd)
+                     policy_fwd, critic_fwd, kl_coef=kl_ctl.value)
         t2 = time.time()
         t_rollout, t_update = t_rollout + t1 - t0, t_update + t2 - t1
         stats = {k: v.item() for k, v in batch["stats"].items()}
@@ -484,7 +502,7 @@ def main(argv=None):
                      for k, v in stats.items()}
             upd = {k: C.all_reduce_mean(torch.tensor(v, dtype=torch.float64, device=device), world).item()
                    for k, v in upd.items()}
-        C.check_finite(upd["ppo/loss/policy"] + upd["ppo/loss/value"], "PPO loss", it, ckpt_path)
+        C.check_finite(upd["ppo/loss/policy"] + upd.get("ppo/loss/value", 0.0), "PPO loss", it, ckpt_path)
 
         # 8. adapt β toward the target KL (or keep it fixed); the PPO-penalty variant adapts its own β too
         kl_coef_used, penalty_beta_used = kl_ctl.value, penalty_beta
@@ -503,7 +521,8 @@ def main(argv=None):
                          f"kl {stats['objective/kl']:.3f} | β {kl_coef_used:.4f} | "
                          f"ent {stats['objective/entropy']:.3f} | len {stats['response/length']:.1f} | "
                          f"eos {stats['response/eos_share']:.2f} | approxkl {upd['ppo/policy/approxkl']:.4f} | "
-                         f"clipfrac {upd['ppo/policy/clipfrac']:.3f} | vexp {upd['ppo/val/var_explained']:.2f} | "
+                         f"clipfrac {upd['ppo/policy/clipfrac']:.3f} | "
+                         + (f"vexp {upd['ppo/val/var_explained']:.2f} | " if critic is not None else "") +
                          f"{t1 - t0:.2f}s+{t2 - t1:.2f}s | eta {C.eta(t_loop, done_here, args.iters - start_it)}")
         if (it + 1) % args.eval_interval == 0 and it + 1 < args.iters:
             rngs = C.rng_states_of_all_ranks(world, gen, cpu_gen)
@@ -527,7 +546,8 @@ def main(argv=None):
                "kl_final": after["kl"], "target_kl": args.target_kl if args.target_kl > 0 else None,
                "kl_last_fifth": sum(r["objective/kl"] for r in last_fifth) / len(last_fifth),
                "kl_coef_final": kl_ctl.value, "length_before": before["length"], "length_after": after["length"],
-               "eos_share_before": before["eos_share"], "eos_share_after": after["eos_share"]}
+               "eos_share_before": before["eos_share"], "eos_share_after": after["eos_share"],
+               "algo": args.algo, "peak_memory_mb": C.peak_memory_mb(device)}
     if builtin:
         summary.update(gold_before=before["gold"], gold_after=after["gold"], gold_std_before=before["gold_std"],
                        gold_std_after=after["gold_std"], well_formed_before=before["well_formed"],

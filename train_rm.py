@@ -31,7 +31,7 @@ import torch
 
 import common as C
 import reward
-from model import GPT, GPTConfig, GPTScalar, right_pad
+from model import GPT, GPTConfig, GPTScalar
 
 
 def get_args(argv=None):
@@ -147,79 +147,9 @@ def builtin_comparisons(args, policy, tok, device, dtype):
 # tokenised comparisons
 
 
-def drop_ties(items, where):
-    """A response that is the same text as a better-ranked one carries no preference (its pairs only add ln 2 to
-    the loss and count as errors in the accuracy): it is dropped, and so is a prompt left with fewer than 2."""
-    out, dup = [], 0
-    for it in items:
-        seen = []
-        for r in it["responses"]:  # best first: the first copy keeps its rank
-            if r in seen:
-                dup += 1
-            else:
-                seen.append(r)
-        if len(seen) >= 2:
-            out.append({**it, "responses": seen})
-    if dup:
-        print(f"note: {where}: {dup} responses were the same text as a better-ranked one and were dropped "
-              f"({len(items) - len(out)} prompts left without a pair)")
-    if not out:
-        C.fail(f"{where}: no comparison left with two different responses")
-    return out
-
-
-class Comparisons:
-    """Each item: K token sequences (prompt + response + EOS), best first. A batch flattens the items' responses
-    into one right-padded (ΣK, T) tensor, so the whole batch goes through the model in one forward pass."""
-
-    def __init__(self, items, tok, max_tokens, where):
-        from collections import Counter
-
-        from tokenizer import render_chat
-        self.items = []
-        cuts = Counter()
-        for it in items:
-            seqs = [render_chat(tok, it["prompt"] + [{"role": "assistant", "content": r}], max_tokens, cuts)[0]
-                    for r in it["responses"]]
-            self.items.append(seqs)
-        C.report_cuts(where, cuts, sum(len(s) for s in self.items), max_tokens)
-        if not self.items:
-            C.fail(f"{where}: no comparisons")
-        self.n_pairs = sum(math.comb(len(s), 2) for s in self.items)
-        self.lengths = torch.tensor([max(len(seq) for seq in seqs) for seqs in self.items])  # padded length per item
-
-    def epoch_order(self, batch, generator, group=32):
-        """A random order of the items in which each batch holds items of similar length, so that little of the
-        batch is padding (on the built-in task, random batches are ~45% padding). A random permutation is cut into
-        chunks of `group` batches; each chunk is sorted by length, cut into batches, and those batches shuffled.
-        Which items share a chunk, and the order of the batches, stay random."""
-        perm = torch.randperm(len(self.items), generator=generator)                    # (N,)
-        chunks = []
-        for c in range(0, len(perm), group * batch):
-            chunk = perm[c:c + group * batch]
-            chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]        # short to long
-            batches = list(chunk.split(batch))
-            full = [b for b in batches if len(b) == batch]  # a short last batch stays last, so batches stay aligned
-            chunks += [full[i] for i in torch.randperm(len(full), generator=generator).tolist()] + batches[len(full):]
-        return torch.cat(chunks)                                                       # (N,)
-
-    def batch(self, idx, device):
-        rows = [self.items[int(i)] for i in idx]
-        K = max(len(r) for r in rows)
-        seqs = [s for r in rows for s in r]
-        x, mask = right_pad(seqs)                                                       # (ΣK, T) each
-        k = torch.tensor([len(r) for r in rows])                                        # (N,)
-        where = torch.full((len(rows), K), -1, dtype=torch.long)                        # (N, K) row of each response
-        n = 0
-        for i, r in enumerate(rows):
-            where[i, :len(r)] = torch.arange(n, n + len(r))
-            n += len(r)
-        return x.to(device), mask.to(device), k.to(device), where.to(device)
-
-
 def batch_rewards(rm, batch, device, dtype):
     """(N, K) reward-model scores of a batch, best-first order kept; padding slots hold 0."""
-    x, mask, k, where = batch
+    x, mask, k, where = batch[:4]
     with C.autocast(device, dtype):
         # right padding: every real token comes before the padding, so the causal mask alone keeps it unseen
         values = rm(x).float()                                                          # (ΣK, T)
@@ -229,44 +159,12 @@ def batch_rewards(rm, batch, device, dtype):
 
 @torch.no_grad()
 def evaluate(rm, val, args, device, dtype, raw_val=None, by_term=False):
-    """Held-out pairwise accuracy against the labels; on the built-in task also against gold, on pairs whose
-    gold scores differ, and the noisy labeler's own agreement with gold on those pairs (the ceiling).
-    by_term: also the gold accuracy on the pairs where each term of the gold formula differs (what the reward
-    model has learned: {term: {"accuracy", "pairs"}})."""
+    """Held-out pairwise accuracy of the reward model (common.ranking_accuracy: against the labels, and on the
+    built-in task against gold, overall and per gold term)."""
     rm.eval()
-    right = total = 0
-    gold_right = gold_total = label_agree = 0
-    term_right, term_total = {}, {}
-    for s in range(0, len(val.items), args.batch_size):
-        idx = list(range(s, min(s + args.batch_size, len(val.items))))
-        r, k = batch_rewards(rm, val.batch(idx, device), device, dtype)
-        a, b = reward.pair_accuracy(r, k)
-        right, total = right + a, total + b
-        if raw_val is not None:
-            from data import minichat
-            for row, i in enumerate(idx):
-                item = raw_val[i]
-                golds = [minichat.gold(item["request"], resp) for resp in item["responses"]]
-                terms = [minichat.gold_terms(item["request"], resp) for resp in item["responses"]]
-                for p, q in reward.all_pairs(len(golds)):  # p ranked above q by the noisy labeler
-                    if golds[p] == golds[q]:
-                        continue
-                    ok = (r[row, p] > r[row, q]).item() == (golds[p] > golds[q])
-                    gold_total += 1
-                    label_agree += golds[p] > golds[q]
-                    gold_right += ok
-                    for t in set(terms[p]) | set(terms[q]):
-                        if terms[p].get(t, 0) != terms[q].get(t, 0):
-                            term_right[t] = term_right.get(t, 0) + ok
-                            term_total[t] = term_total.get(t, 0) + 1
+    out = C.ranking_accuracy(lambda batch: batch_rewards(rm, batch, device, dtype), val, args.batch_size, device,
+                             raw_val, by_term)
     rm.train()
-    out = {"val_accuracy": right / max(total, 1)}
-    if raw_val is not None:
-        out["val_accuracy_gold"] = gold_right / max(gold_total, 1)
-        out["labeler_agreement"] = label_agree / max(gold_total, 1)
-        if by_term:
-            out["val_accuracy_gold_by_term"] = {t: {"accuracy": term_right[t] / n, "pairs": n}
-                                                for t, n in sorted(term_total.items(), key=lambda kv: -kv[1])}
     return out
 
 
@@ -340,12 +238,12 @@ def main(argv=None):
             train_items, val_items = train_items[cut:], train_items[:cut]
     except DataError as e:
         C.fail(str(e))
-    train_items, val_items = drop_ties(train_items, train_path), drop_ties(val_items, val_path or train_path)
+    train_items, val_items = C.drop_ties(train_items, train_path), C.drop_ties(val_items, val_path or train_path)
     raw_val = None
     if builtin:  # the gold labeler reads each held-out response's text, in label order
         raw_val = [{"request": it["prompt"][-1]["content"], "responses": it["responses"]} for it in val_items]
-    train = Comparisons(train_items, tok, max_tokens, train_path)
-    val = Comparisons(val_items, tok, max_tokens, val_path)
+    train = C.Comparisons(train_items, tok, max_tokens, train_path)
+    val = C.Comparisons(val_items, tok, max_tokens, val_path)
     if master:
         print(f"comparisons: {len(train.items)} train prompts ({train.n_pairs} pairs), {len(val.items)} held-out "
               f"({val.n_pairs} pairs)" + (f"; {world} processes, {args.batch_size} prompts each" if world > 1 else ""))

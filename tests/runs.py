@@ -111,8 +111,8 @@ def ppo_setup(args):
     import train_ppo
     policy, ref, critic, rm, mu, sigma, tok = train_ppo.load_models(args, "cpu")
     opt_p = policy.configure_optimizers(0.0, args.learning_rate, (0.9, 0.999), args.adam_eps, "cpu")
-    opt_c = train_ppo.GPT.configure_optimizers(critic, 0.0, args.critic_learning_rate, (0.9, 0.999), args.adam_eps,
-                                               "cpu")
+    opt_c = None if critic is None else train_ppo.GPT.configure_optimizers(
+        critic, 0.0, args.critic_learning_rate, (0.9, 0.999), args.adam_eps, "cpu")
     return {"policy": policy, "ref": ref, "critic": critic, "rm": rm, "mu": mu, "sigma": sigma, "tok": tok,
             "opt_p": opt_p, "opt_c": opt_c}
 

@@ -2,7 +2,7 @@
 
 Fused vs explicit attention, the causal mask, the KV cache vs one full forward pass, left-padding invariance
 (RLHF_DETAILS #2), the sampler (its log-probs, EOS handling, greedy/top-k/top-p, seeds; #3, #4, #5, #7) and
-train_ppo.response_logprobs, both against a one-sequence-at-a-time decoding loop, exact
+C.response_logprobs, both against a one-sequence-at-a-time decoding loop, exact
 equivalence with Hugging Face's GPT-2 (built locally, no download), GPT-2's initialisation, the optimizer's
 parameter groups, and the small helpers. CPU, fp32, a few seconds.
 
@@ -212,11 +212,11 @@ def check_eos_structure(s, max_new_tokens):
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_generate_and_response_logprobs_match_a_stepwise_loop(use_cache, temperature):
-    """The sampler's own log-probs, and train_ppo.response_logprobs on the batch as train_ppo.rollout builds it
+    """The sampler's own log-probs, and C.response_logprobs on the batch as train_ppo.rollout builds it
     (left-padded prompts, responses cut at EOS and right-padded, one attention mask), both equal the slow
     one-sequence-at-a-time decoding loop: the off-by-one (#5), the temperature (#4) and the padding (#2) at once."""
     import ppo
-    import train_ppo
+    import common as C
     model = make_gpt(eos_bias=3.0)
     prompts = random_prompts([7, 3, 5, 1, 6, 4, 2, 7])
     s = model.generate(prompts, max_new_tokens=12, pad_id=PAD, eos_id=EOS, temperature=temperature,
@@ -231,7 +231,7 @@ def test_generate_and_response_logprobs_match_a_stepwise_loop(use_cache, tempera
     tokens = torch.cat([s.tokens[:, :Tp], responses], 1)                                  # (B, Tp + Tn)
     attn_mask = torch.cat([s.prompt_mask.bool(), response_mask], 1)                       # (B, Tp + Tn)
     with torch.no_grad():
-        lp, ent = train_ppo.response_logprobs(model, tokens, attn_mask, responses, response_mask, Tp, temperature,
+        lp, ent = C.response_logprobs(model, tokens, attn_mask, responses, response_mask, Tp, temperature,
                                               with_entropy=True)                          # (B, Tn) each
     assert lp.shape == ent.shape == responses.shape
     for i, (ref_lp, ref_ent) in enumerate(stepwise_logprobs(model, prompts, s, temperature)):
@@ -243,7 +243,7 @@ def test_generate_and_response_logprobs_match_a_stepwise_loop(use_cache, tempera
     # log-probs of sampled tokens at T ≠ 1 differ from those at T = 1: the loop above really checks the temperature
     if temperature != 1.0:
         with torch.no_grad():
-            lp1 = train_ppo.response_logprobs(model, tokens, attn_mask, responses, response_mask, Tp, 1.0)
+            lp1 = C.response_logprobs(model, tokens, attn_mask, responses, response_mask, Tp, 1.0)
         assert (lp1 - lp)[response_mask].abs().max() > 1e-2
 
 

@@ -453,3 +453,58 @@ def test_best_of_n_kl():
     assert best_of_n_kl(1) == 0.0
     close(best_of_n_kl(4), math.log(4) - 0.75, atol=1e-12)
     close(best_of_n_kl(4), 0.636294, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# critic-free estimators (RLHF_DETAILS #32, #33)
+
+
+def test_rloo_baseline_is_leave_one_out():
+    from ppo import rloo_advantages
+    close(rloo_advantages(t([1.0, 2.0, 3.0, 6.0]), 4), t([-8 / 3, -4 / 3, 0.0, 4.0]))
+    # two groups are independent, and a group mean baseline ([−2, −1, 0, 3]) would fail the first group
+    out = rloo_advantages(t([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 9.0]), 4)
+    close(out, t([-8 / 3, -4 / 3, 0.0, 4.0, -4 / 3, -4 / 3, -4 / 3, 4.0]))
+    close(rloo_advantages(t([0.5, -0.5]), 2), t([1.0, -1.0]))  # k = 2: each answer against the other
+
+
+def test_grpo_advantages_vectors():
+    from ppo import grpo_advantages
+    close(grpo_advantages(t([1.0, 2.0, 3.0, 6.0]), 4), t([-0.9258, -0.4629, 0.0, 1.3887]), atol=1e-4)  # sample std
+    close(grpo_advantages(t([1.0, 2.0, 3.0, 6.0]), 4, scale=False), t([-2.0, -1.0, 0.0, 3.0]))  # Dr. GRPO
+    # a group whose answers all scored the same teaches nothing: advantage 0, not a division by zero
+    close(grpo_advantages(t([2.0, 2.0, 1.0, 3.0]), 2), t([0.0, 0.0, -0.7071, 0.7071]), atol=1e-4)
+
+
+def test_policy_loss_grpo_vector():
+    """Two answers. Answer 0: 2 tokens, A = +1, π = π_old, log π = [−1, −2], log π_ref = [−1.5, −1]: k3 =
+    [0.106531, 0.718282]; with β = 0.1 the per-token loss is −(1 − 0.1·k3) = [−0.989347, −0.928172], its mean over
+    the answer's 2 tokens −0.958759. Answer 1: 1 real token (a masked one holds garbage), A = −2, ρ = e^0.5 =
+    1.648721 (clipped to 1.2: min(−3.297443, −2.4) = −3.297443, so the unclipped branch counts), π_ref = π: loss
+    +3.297443. Mean over answers (length-normalised): 1.169342. Dr. GRPO with L = 4: (−1.917519/4 + 3.297443/4)/2."""
+    from ppo import policy_loss_grpo
+    lp = t([[-1.0, -2.0], [-0.5, 7.0]])
+    old = t([[-1.0, -2.0], [-1.0, -3.0]])
+    ref = t([[-1.5, -1.0], [-0.5, 9.0]])
+    mask = t([[1, 1], [1, 0]]).bool()
+    adv = t([1.0, -2.0])
+    loss, stats = policy_loss_grpo(lp, old, ref, adv, mask, cliprange=0.2, kl_coef=0.1)
+    close(loss, 1.169342, atol=1e-5)
+    close(stats["kl_ref"], (0.106531 + 0.718282 + 0.0) / 3, atol=1e-5)
+    close(stats["clipfrac"], 0.0)  # answer 1's ratio is beyond 1 + ε, but with A < 0 the unclipped branch is the min
+    loss_dr, _ = policy_loss_grpo(lp, old, ref, adv, mask, cliprange=0.2, kl_coef=0.1, length_norm=4)
+    close(loss_dr, (-1.917519 / 4 + 3.297443 / 4) / 2, atol=1e-5)
+    # A > 0 with ρ beyond 1 + ε: the clipped branch is the min, its gradient is 0
+    lp2 = t([[0.5]]).requires_grad_()
+    loss2, stats2 = policy_loss_grpo(lp2, t([[0.0]]), t([[0.5]]), t([1.0]), t([[1]]).bool(), 0.2, 0.0)
+    close(loss2, -1.2)
+    close(stats2["clipfrac"], 1.0)
+    loss2.backward()
+    close(lp2.grad, t([[0.0]]))
+
+
+def test_policy_loss_reinforce_vector():
+    # −mean_i A_i Σ_t log π: A = [2, −1], Σ log π over real tokens = [−3, −0.5] -> −(−6 + 0.5)/2 = 2.75
+    from ppo import policy_loss_reinforce
+    lp = t([[-1.0, -2.0], [-0.5, -99.0]])
+    close(policy_loss_reinforce(lp, t([2.0, -1.0]), t([[1, 1], [1, 0]]).bool()), 2.75)

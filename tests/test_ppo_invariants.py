@@ -56,7 +56,7 @@ def test_penalty_beta_reads_the_kl_after_the_update(chain, ppo_prompts):
     upd = do_update(m, batch, args, seed=2)
     # the policy as the update left it, on the rollout's tokens (drawn from π_old): k3 of log π_θ/π_old
     with torch.no_grad():
-        new = train_ppo.response_logprobs(m["policy"], batch["tokens"], batch["attn_mask"], batch["responses"],
+        new = C.response_logprobs(m["policy"], batch["tokens"], batch["attn_mask"], batch["responses"],
                                           batch["response_mask"], batch["Tp"], args.temperature)
     log_ratio = (new - batch["logprobs"]).double()
     k3 = (log_ratio.exp() - 1 - log_ratio)[batch["response_mask"]]  # (ρ − 1) − log ρ on the real tokens

@@ -5,6 +5,7 @@ GPTScalar, and normalisation (#13). CPU, a second or two.
     python -m pytest -q tests/test_reward.py
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -198,3 +199,53 @@ def test_normalize_inverts_the_affine_map():
         close(normalize(mu + sigma * z, mu, sigma), z, atol=1e-9)
         z1 = torch.randn(1, generator=g, dtype=torch.float64)
         close(normalize(mu + sigma * z1, mu, sigma), z1, atol=1e-9)
+
+
+def test_dpo_and_ipo_loss_vectors():
+    """RLHF_DETAILS #34: β = 0.1, log π(y_w) = −10, log π_ref(y_w) = −12, log π(y_l) = −15, log π_ref(y_l) = −14:
+    h = 0.1·(2 − (−1)) = 0.3, −log σ(0.3) = 0.554355; IPO (3 − 5)² = 4.0; π = π_ref gives ln 2 for every pair."""
+    from reward import dpo_loss, ipo_loss
+    f = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    loss, h = dpo_loss(f(-10.0), f(-12.0), f(-15.0), f(-14.0), beta=0.1)
+    assert abs(loss.item() - 0.554355) < 1e-6 and abs(h.item() - 0.3) < 1e-12
+    loss, _ = ipo_loss(f(-10.0), f(-12.0), f(-15.0), f(-14.0), beta=0.1)
+    assert abs(loss.item() - 4.0) < 1e-12
+    lp = f(-3.0, -7.5, -1.25)
+    loss0, h0 = dpo_loss(lp, lp.clone(), lp.flip(0), lp.flip(0).clone())
+    assert abs(loss0.item() - math.log(2)) < 1e-12 and (h0 == 0).all()
+    # the sign: raising the chosen answer's log-prob lowers the loss
+    assert dpo_loss(f(-9.0), f(-12.0), f(-15.0), f(-14.0))[0] < dpo_loss(f(-10.0), f(-12.0), f(-15.0), f(-14.0))[0]
+
+
+def test_dpo_over_rankings_is_the_ranking_loss_on_implicit_rewards():
+    """DPO over a ranking's C(K,2) pairs = mean over pairs of dpo_loss, i.e. ranking_loss(β·logratio): checked
+    against an explicit loop over the pairs with dpo_loss."""
+    from reward import dpo_loss
+    g = torch.Generator().manual_seed(0)
+    lp, ref = -torch.rand(3, 4, generator=g, dtype=torch.float64) * 20, -torch.rand(3, 4, generator=g, dtype=torch.float64) * 20
+    k = torch.tensor([4, 3, 2])
+    beta = 0.1
+    want = []
+    for n in range(3):
+        pairs = [dpo_loss(lp[n, i], ref[n, i], lp[n, j], ref[n, j], beta)[0] for i, j in all_pairs(int(k[n]))]
+        want.append(sum(pairs) / len(pairs))
+    assert abs(ranking_loss(beta * (lp - ref), k).item() - (sum(want) / 3).item()) < 1e-12
+
+
+def test_ipo_ranking_loss_vector():
+    from reward import ipo_ranking_loss
+    # one pair: margin 3 (RLHF_DETAILS #34) -> (3 − 5)² = 4; a ranking of 3: margins 3, 4, 1 -> ((−2)² + (−1)² + (−4)²)/3
+    assert abs(ipo_ranking_loss(torch.tensor([[2.0, -1.0]]), 0.1).item() - 4.0) < 1e-6
+    v = ipo_ranking_loss(torch.tensor([[2.0, -1.0, -2.0]]), 0.1).item()
+    assert abs(v - (4 + 1 + 16) / 3) < 1e-5
+
+
+def test_plackett_luce_loss_vectors():
+    from reward import plackett_luce_loss
+    # K = 2: the Bradley–Terry pair loss (margin 1 -> 0.313262, RLHF_DETAILS #11)
+    assert abs(plackett_luce_loss(torch.tensor([[2.0, 1.0]])).item() - 0.313262) < 1e-6
+    # K = 3, r = [2, 1, 0]: −(log e²/(e²+e+1) + log e/(e+1))/2 = (0.407606 + 0.313262)/2 = 0.360434
+    assert abs(plackett_luce_loss(torch.tensor([[2.0, 1.0, 0.0]])).item() - 0.360434) < 1e-6
+    # a row with k = 2 of K = 3 ignores its padding slot
+    both = plackett_luce_loss(torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 99.0]]), torch.tensor([3, 2]))
+    assert abs(both.item() - (0.360434 + 0.313262) / 2) < 1e-6

@@ -477,10 +477,10 @@ def test_rm_batches_group_similar_lengths():
     rng = random.Random(0)
     lengths = [rng.randint(10, 100) for _ in range(1000)]
     fake = SimpleNamespace(items=[None] * 1000, lengths=torch.tensor(lengths))
-    order = train_rm.Comparisons.epoch_order(fake, 16, torch.Generator().manual_seed(1))
+    order = C.Comparisons.epoch_order(fake, 16, torch.Generator().manual_seed(1))
     assert sorted(order.tolist()) == list(range(1000))
-    assert torch.equal(order, train_rm.Comparisons.epoch_order(fake, 16, torch.Generator().manual_seed(1)))
-    assert not torch.equal(order, train_rm.Comparisons.epoch_order(fake, 16, torch.Generator().manual_seed(2)))
+    assert torch.equal(order, C.Comparisons.epoch_order(fake, 16, torch.Generator().manual_seed(1)))
+    assert not torch.equal(order, C.Comparisons.epoch_order(fake, 16, torch.Generator().manual_seed(2)))
 
     def padded(o):  # tokens a batch pads to, summed over the batches
         return sum(max(lengths[i] for i in b) * len(b) for b in o.split(16))
