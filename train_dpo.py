@@ -256,10 +256,10 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            right, total = reward.pair_accuracy(logratio, k)  # on the training pairs, before this step
+        right, total = (world * C.all_reduce_mean(torch.tensor(reward.pair_accuracy(logratio.detach(), k),
+                                                                dtype=torch.float64, device=device), world)).tolist()
         steps_done += 1
-        row = {"step": it, "loss": loss_val, "accuracy": right / max(total, 1), "lr": lr,
+        row = {"step": it, "loss": loss_val, "accuracy": right / max(total, 1), "lr": lr,  # training pairs, pre-step
                "logratio/chosen": logratio[:, 0].mean().item(), "ms": (time.time() - t0) * 1000}
         line = None
         if it % args.log_interval == 0 or it == max_iters - 1:
