@@ -111,3 +111,28 @@ def test_two_process_ppo_resume_and_its_kl_controller(tmp_path):
         assert abs(nxt["objective/kl_coef"] - want) < 1e-12, (prev["step"], nxt["objective/kl_coef"], want)
     assert any(abs(r["objective/kl"] / 0.5 - 1) > 1e-3 for r in ra)  # β really moved
     assert os.path.exists(os.path.join(b, "summary.json"))
+
+
+def test_two_process_dpo_matches_one_process(tmp_path):
+    """DPO under torchrun: each process scores its share of the global batch of prompts (all K answers of a prompt
+    together), DDP averages the gradients; the per-step losses and the logged pair accuracy equal a 1-process run
+    with the same global batch."""
+    sft = str(tmp_path / "sft")
+    run([sys.executable, "train_sft.py", *FLAGS, "--batch_size=8", f"--out_dir={sft}"])
+    write_comparisons(tmp_path)
+    flags = [f"--init_from={sft}/ckpt.pt", f"--data={tmp_path}/train.jsonl", f"--val_data={tmp_path}/val.jsonl",
+             "--reward_model=", "--epochs=2", "--eval_interval=100", "--threads=1", "--device=cpu",
+             "--learning_rate=1e-2", "--warmup_iters=1", "--beta=0.5"]
+    one, two = str(tmp_path / "dpo1"), str(tmp_path / "dpo2")
+    run([sys.executable, "train_dpo.py", *flags, "--batch_size=8", f"--out_dir={one}"])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dpo.py", *flags,
+         "--batch_size=4", f"--out_dir={two}"])
+    a, steps_a = step_losses(one)
+    b, steps_b = step_losses(two)
+    assert steps_a == steps_b == list(range(8)), (steps_a, steps_b)
+    assert abs(a[0] - 0.6931472) < 1e-5 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    assert len(set(a)) > 4, "the loss never moved: the comparison would be empty"
+    with open(os.path.join(one, "log.jsonl")) as f1, open(os.path.join(two, "log.jsonl")) as f2:
+        acc1 = [json.loads(line)["accuracy"] for line in f1 if '"accuracy"' in line]
+        acc2 = [json.loads(line)["accuracy"] for line in f2 if '"accuracy"' in line]
+    assert acc1 == acc2, "the logged accuracy is the all-reduced one"
