@@ -149,7 +149,7 @@ def main(argv=None):
     policy = GPT(GPTConfig(**{**sft["model_args"], "dropout": 0.0}))
     policy.load_state_dict(sft["model"])
     policy.eval()
-    ref = policy
+    ref = policy  # the frozen SFT model is every method's reference: KL of each policy to it
     prompts = load_prompts(C.prepare_builtin(quiet=True)["prompts_val"])[:args.n_eval_prompts]
 
     rows = []

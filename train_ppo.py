@@ -240,7 +240,8 @@ def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen
 
 # max |log π_sampler − log π_trainer| over real response tokens at equal weights: fp32 differs only by the order of
 # the sums (the cache against the full forward; measured ≤ 2e-6 here); bf16 autocast rounds each matmul's inputs to
-# 8 bits of mantissa, and the two paths round different partial sums (measured on CPU: see the README).
+# 8 bits of mantissa, and the two paths round different partial sums (measured with CPU bf16 autocast: ≤ 0.017 on
+# the tests' trained tiny model, 0.006–0.011 on GPT-2-initialised 4×128 and 6×384 models).
 SAMPLER_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25}
 
 
