@@ -245,6 +245,32 @@ def load_checkpoint(path, what="checkpoint", kinds=None, complete=False):
     return ck
 
 
+def load_reward_models(spec, what="--reward_model", device="cpu", how="mean", lam=1.0, tokenizer=None):
+    """The frozen reward model(s) a policy is trained or judged against. spec: one checkpoint path, or several
+    separated by commas: an ensemble (reward.Ensemble, each member normalised on its own SFT samples, then
+    aggregated by `how`), whose μ, σ are 0, 1. tokenizer: the policy's, which every member must share.
+    Returns (rm, μ, σ, the first member's checkpoint dict, which initialises PPO's critic)."""
+    import reward
+    paths = [p.strip() for p in spec.split(",")]
+    if not all(paths):
+        fail(f"{what}={spec}: an empty path in the comma-separated list")
+    members, mus, sigmas, first = [], [], [], None
+    for path in paths:
+        ck = load_checkpoint(path, what, kinds=("rm",), complete=True)
+        if not ck.get("normalised", True):
+            print(f"note: {what} {path} was trained with --n_norm=0: its scores are used raw (μ = 0, σ = 1), so β "
+                  "does not have its usual scale" + (" and the ensemble's members need not share one" if
+                                                     len(paths) > 1 else ""))
+        if tokenizer is not None and ck.get("tokenizer") != tokenizer:
+            fail(f"{what} {path} was trained with another tokenizer than the policy's")
+        rm, mu, sigma = reward.load_reward_model(ck, device)
+        members.append(rm), mus.append(mu), sigmas.append(sigma)
+        first = first or ck
+    if len(members) == 1:
+        return members[0], mus[0], sigmas[0], first
+    return reward.Ensemble(members, mus, sigmas, how, lam).to(device), 0.0, 1.0, first
+
+
 def is_complete(ck):
     """Whether a checkpoint is a finished run's. Checkpoints from before this flag existed: a reward model is
     finished when it holds its normalisation."""

@@ -123,6 +123,61 @@ def all_pairs(ranking_len):
     return list(itertools.combinations(range(ranking_len), 2))
 
 
+# Ensembles (Coste et al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization"). s: (M, ...) scores of
+# M members for the same answers, each member normalised on its own SFT samples, so the members share one scale.
+#   mean:  R = 1/M Σ_m s_m
+#   worst: R = min_m s_m                                        (worst-case optimisation, WCO)
+#   uwo:   R = 1/M Σ_m s_m − λ · 1/M Σ_m (s_m − s̄)²             (uncertainty-weighted, UWO: the population variance)
+# s = [0.2, 1.0, 0.6] -> mean 0.6, worst 0.2, uwo (λ = 1) 0.6 − 0.106667 = 0.493333          (RLHF_DETAILS #35)
+def ensemble_mean(s):
+    return s.mean(0)
+
+
+def ensemble_worst(s):
+    return s.min(0).values
+
+
+def ensemble_uwo(s, lam=1.0):
+    """The paper's UWO penalises the variance across members (not the std); population variance (1/M)."""
+    return s.mean(0) - lam * s.var(0, unbiased=False)
+
+
+AGGREGATES = ("mean", "worst", "uwo")
+
+
+def aggregate(s, how="mean", lam=1.0):
+    """One of AGGREGATES over the members' axis 0 of s (M, ...)."""
+    if how == "mean":
+        return ensemble_mean(s)
+    if how == "worst":
+        return ensemble_worst(s)
+    if how == "uwo":
+        return ensemble_uwo(s, lam)
+    raise ValueError(f"unknown ensemble aggregate {how!r}: one of {', '.join(AGGREGATES)}")
+
+
+class Ensemble(torch.nn.Module):
+    """M frozen reward models read as one: forward returns the aggregate of the members' normalised values at every
+    position, (B, T). The aggregate acts position by position, so reading it at the last real token (score()) equals
+    aggregating the members' normalised scores; its own μ, σ are 0, 1."""
+
+    def __init__(self, members, mus, sigmas, how="mean", lam=1.0):
+        super().__init__()
+        aggregate(torch.zeros(1, 1), how, lam)  # an unknown aggregate fails here, not in the first rollout
+        self.members = torch.nn.ModuleList(members)
+        self.mus, self.sigmas = list(mus), list(sigmas)  # plain floats: a cast of the members to bf16 keeps them
+        self.how, self.lam = how, lam
+
+    def member_values(self, tokens, attention_mask=None):
+        """(M, B, T): each member's normalised value at every position."""
+        raw = torch.stack([m(tokens, attention_mask=attention_mask).float() for m in self.members])  # (M, B, T)
+        mu, sigma = (torch.tensor(v, device=raw.device)[:, None, None] for v in (self.mus, self.sigmas))
+        return normalize(raw, mu, sigma)
+
+    def forward(self, tokens, attention_mask=None):
+        return aggregate(self.member_values(tokens, attention_mask), self.how, self.lam)  # (B, T)
+
+
 def load_reward_model(ckpt, device="cpu"):
     """(GPTScalar in eval mode without gradients, μ, σ) from a reward-model checkpoint dict."""
     rm = GPTScalar(GPTConfig(**ckpt["model_args"]))

@@ -43,7 +43,11 @@ def get_args(argv=None):
     p = C.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--init_from", default="out/sft/ckpt.pt", help="SFT checkpoint: the initial policy and the frozen reference")
-    a("--reward_model", default="out/rm/ckpt.pt", help="reward-model checkpoint (also initialises the critic)")
+    a("--reward_model", default="out/rm/ckpt.pt", help="reward-model checkpoint (also initialises the critic); "
+      "several, comma-separated: an ensemble scored by --rm_aggregate (the first initialises the critic)")
+    a("--rm_aggregate", default="mean", choices=["mean", "worst", "uwo"],
+      help="an ensemble's score (Coste et al. 2024): the members' mean, their minimum, or uwo: mean − λ·variance")
+    a("--uwo_lambda", type=C.nonneg, default=1.0, help="λ of --rm_aggregate=uwo")
     a("--prompts", default="", help="PPO prompts JSONL ({'prompt'} or {'messages'}); empty = the built-in task's")
     a("--eval_prompts", default="", help="held-out prompts JSONL; empty = the built-in task's held-out prompts")
     a("--ptx_data", default="", help="PPO-ptx text: SFT-format JSONL; empty = the built-in task's SFT data")
@@ -134,12 +138,9 @@ def load_models(args, device):
     """Policy and frozen reference from the SFT checkpoint; frozen reward model and the critic from the RM one."""
     from tokenizer import Tokenizer
     sft = C.load_checkpoint(args.init_from, "--init_from", kinds=("sft",))
-    rm_ckpt = C.load_checkpoint(args.reward_model, "--reward_model", kinds=("rm",), complete=True)
-    if not rm_ckpt.get("normalised", True):
-        print(f"note: --reward_model {args.reward_model} was trained with --n_norm=0: its scores are used raw "
-              f"(μ = 0, σ = 1), so β does not have its usual scale")
-    if sft.get("tokenizer") != rm_ckpt.get("tokenizer"):
-        C.fail(f"{args.init_from} and {args.reward_model} were trained with different tokenizers")
+    # one reward model, or an ensemble of several (comma-separated) whose aggregate is the score
+    rm, mu, sigma, rm_ckpt = C.load_reward_models(args.reward_model, "--reward_model", device, args.rm_aggregate,
+                                                  args.uwo_lambda, tokenizer=sft.get("tokenizer"))
     tok = Tokenizer.from_dict(sft["tokenizer"])
     config = GPTConfig(**{**sft["model_args"], "dropout": 0.0})  # dropout off during RL (RLHF_DETAILS #6)
     if args.response_length + 8 > config.block_size:
@@ -148,14 +149,14 @@ def load_models(args, device):
     policy.load_state_dict(sft["model"])
     ref = GPT(config)
     ref.load_state_dict(sft["model"])
-    rm, mu, sigma = reward.load_reward_model(rm_ckpt, device)
     critic = None  # the critic-free estimators build none
-    if args.algo == "ppo":
+    if args.algo == "ppo":  # from the (first) reward model
         critic = GPTScalar(GPTConfig(**{**rm_ckpt["model_args"], "dropout": 0.0}))
         critic.load_state_dict(rm_ckpt["model"])
+        c_mu, c_sigma = rm_ckpt.get("mu", 0.0), rm_ckpt.get("sigma", 1.0)
         with torch.no_grad():  # fold the normalisation into the critic's head: at first, V(last token) = (r − μ)/σ
-            critic.head.weight /= sigma
-            critic.head.bias.sub_(mu).div_(sigma)
+            critic.head.weight /= c_sigma
+            critic.head.bias.sub_(c_mu).div_(c_sigma)
         critic = critic.to(device).eval()
     # The reference keeps fp32 weights like the policy, under the same autocast: it must compute its log-probs
     # exactly as the policy does, so that KL is exactly 0 at iteration 0 in bf16 too and the policy never pays a

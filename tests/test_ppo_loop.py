@@ -119,6 +119,36 @@ def test_critic_starts_as_the_normalised_reward_model(chain, ppo_prompts):
     assert (v_last - raw).abs().min() > 0.1, "the critic reads the raw score: the normalisation was not folded in"
 
 
+def test_an_ensemble_scores_the_aggregate_of_its_members(chain, ppo_prompts, tmp_path):
+    """--reward_model=a,b: the rollout pays the aggregate of the two members' own normalised scores (each computed
+    here through a one-member run on the same samples), and the critic starts as the first member."""
+    ck = torch.load(chain["rm_ckpt"], map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    ck["model"]["head.weight"] = ck["model"]["head.weight"] + 0.5 * torch.randn(ck["model"]["head.weight"].shape, generator=g)
+    ck["mu"], ck["sigma"] = ck["mu"] + 0.3, ck["sigma"] * 1.7
+    other = str(tmp_path / "rm_b.pt")
+    torch.save(ck, other)
+    single = {}
+    for name, path in (("a", chain["rm_ckpt"]), ("b", other)):
+        args = ppo_args(chain, f"--reward_model={path}", "--batch_size=16")
+        m = ppo_setup(args)
+        batch = do_rollout(m, ppo_prompts[:16], args, seed=3)
+        single[name] = (rm_scores(m, batch), batch)
+    assert (single["a"][0] - single["b"][0]).abs().max() > 0.1, "the two members agree: nothing to aggregate"
+    both = torch.stack([single["a"][0], single["b"][0]])                                  # (2, B)
+    for how, expected in (("mean", both.mean(0)), ("worst", both.min(0).values),
+                          ("uwo", both.mean(0) - 0.5 * ((both[0] - both[1]) / 2) ** 2)):  # variance of 2: (Δ/2)²
+        args = ppo_args(chain, f"--reward_model={chain['rm_ckpt']},{other}", f"--rm_aggregate={how}",
+                        "--uwo_lambda=0.5", "--batch_size=16")
+        m = ppo_setup(args)
+        assert (m["mu"], m["sigma"]) == (0.0, 1.0)
+        batch = do_rollout(m, ppo_prompts[:16], args, seed=3)
+        assert torch.equal(batch["responses"], single["a"][1]["responses"])  # the same samples
+        torch.testing.assert_close(rm_scores(m, batch), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch["stats"]["objective/rm_raw"], expected.mean(), atol=1e-5, rtol=0)  # paid
+        torch.testing.assert_close(batch["values"], single["a"][1]["values"], atol=1e-6, rtol=0)
+
+
 def test_missing_eos_penalty_reaches_the_returns(chain, ppo_prompts):
     """RLHF_DETAILS #16 through train_ppo.rollout. With β = 0 the only reward is the score at the last real token,
     so the return there is the score itself (R = r + γ·0 for any λ): a response cut at --response_length without

@@ -249,3 +249,42 @@ def test_plackett_luce_loss_vectors():
     # a row with k = 2 of K = 3 ignores its padding slot
     both = plackett_luce_loss(torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 99.0]]), torch.tensor([3, 2]))
     assert abs(both.item() - (0.360434 + 0.313262) / 2) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ensembles (#35)
+
+
+def test_ensemble_aggregates_hand_vector():
+    from reward import aggregate, ensemble_mean, ensemble_uwo, ensemble_worst
+    s = torch.tensor([0.2, 1.0, 0.6], dtype=torch.float64)[:, None]     # 3 members, one answer
+    close(ensemble_mean(s), [0.6])
+    close(ensemble_worst(s), [0.2])
+    close(ensemble_uwo(s, 1.0), [0.6 - 0.32 / 3])                        # population variance 0.106667 -> 0.493333
+    close(ensemble_uwo(s, 1.0), [0.493333])
+    close(ensemble_uwo(s, 0.5), [0.6 - 0.5 * 0.106667])
+    # per answer, not over answers: two answers with different spreads
+    s2 = torch.tensor([[0.2, 1.0], [1.0, 1.0], [0.6, 1.0]], dtype=torch.float64)  # (M=3, B=2)
+    close(aggregate(s2, "mean"), [0.6, 1.0])
+    close(aggregate(s2, "worst"), [0.2, 1.0])
+    close(aggregate(s2, "uwo", 1.0), [0.493333, 1.0])  # an answer the members agree on pays nothing
+    with pytest.raises(ValueError, match="unknown ensemble aggregate"):
+        aggregate(s2, "median")
+
+
+@torch.no_grad()
+def test_ensemble_score_equals_aggregate_of_member_scores():
+    """Ensemble.forward aggregates position by position: read at the last real token it must equal the aggregate of
+    each member's own normalised score() (computed here one member at a time), under mixed padding."""
+    from reward import Ensemble, aggregate
+    members = [make_rm(seed) for seed in (0, 1, 2)]
+    mus, sigmas = [0.3, -1.0, 2.0], [0.5, 2.0, 1.5]
+    tokens, mask = pad(SEQ, 2, 1)
+    other, omask = pad([4, 8, 15, 16, 23, EOS], 0, 3 + len(SEQ) - 6)
+    tokens, mask = torch.cat([tokens, other]), torch.cat([mask, omask])
+    each = torch.stack([normalize(score(m, tokens, mask), mu, sd) for m, mu, sd in zip(members, mus, sigmas)])
+    for how in ("mean", "worst", "uwo"):
+        ens = Ensemble(members, mus, sigmas, how, lam=0.7)
+        close(score(ens, tokens, mask), aggregate(each.double(), how, 0.7), atol=1e-5)
+    # a one-member ensemble is that member, normalised
+    close(score(Ensemble(members[:1], mus[:1], sigmas[:1]), tokens, mask), each[0], atol=1e-5)
