@@ -49,6 +49,15 @@ def get_args(argv=None):
     a("--max_new_tokens", type=C.count(), default=64, help="response length limit when sampling")
     a("--temperature", type=C.positive, default=0.7, help="sampling temperature T (the same T as PPO will use)")
     a("--recollect", type=C.flag01, default=0, help="1: collect again even if the comparison files exist")
+    # iterated RLHF (InstructGPT collected its later comparisons from the current policies)
+    a("--collect_from", default="", help="built-in: the policy the comparisons are sampled from (an SFT, PPO or DPO "
+      "checkpoint; empty = --init_from). Round 2: the PPO policy, so the comparisons cover what PPO produces")
+    a("--prior_data", default="", help="comparisons of an earlier round (its comparisons_train.jsonl), trained on "
+      "together with this round's")
+    # ensembles (Coste et al. 2024)
+    a("--members", type=C.count(), default=1, help="N reward models trained on the same comparisons, each from the "
+      "SFT trunk with its own head initialisation and data order: <out_dir>/ckpt.pt, ckpt1.pt, ... (an ensemble for "
+      "train_ppo.py --reward_model=a,b,...)")
     # optimisation
     a("--batch_size", type=C.count(), default=8, help="prompts per step (each with its K responses)")
     a("--epochs", type=C.positive, default=1.0, help="passes over the training comparisons (about 1: RLHF_DETAILS #12)")
@@ -71,12 +80,14 @@ def get_args(argv=None):
     a("--seed", type=int, default=1337)
     C.add_run_flags(a)
     args = p.parse_args(argv)
-    for flag in ("data", "val_data"):
+    for flag in ("data", "val_data", "prior_data", "collect_from"):
         path = getattr(args, flag)
         if path and not os.path.isfile(path):
             C.fail(f"--{flag}={path}: no such file")
     if args.val_data and not args.data:
         C.fail("--val_data needs --data")
+    if args.collect_from and args.data:
+        C.fail("--collect_from samples the built-in task's comparisons: it does not go with --data")
     return args
 
 
@@ -112,7 +123,8 @@ def builtin_comparisons(args, policy, tok, device, dtype):
     paths = C.prepare_builtin()
     out = {s: os.path.join(args.out_dir, f"comparisons_{s}.jsonl") for s in ("train", "val")}
     # what produced the files: reuse them only for the same settings and the same SFT checkpoint
-    meta = {"init_from": os.path.abspath(args.init_from), "init_mtime": os.path.getmtime(args.init_from),
+    source = args.collect_from or args.init_from
+    meta = {"init_from": os.path.abspath(source), "init_mtime": os.path.getmtime(source),
             **{k: getattr(args, k) for k in ("n_prompts", "n_val_prompts", "K", "label_temperature", "max_new_tokens",
                                              "temperature", "seed")}}
     meta_path = os.path.join(args.out_dir, "comparisons_meta.json")
@@ -200,6 +212,21 @@ def measure_normalisation(rm, policy, tok, requests, max_new_tokens, temperature
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def member_path(out_dir, m):
+    """Member m's checkpoint: ckpt.pt for the first (the reward model when there is one), ckpt1.pt, ckpt2.pt, ..."""
+    return os.path.join(out_dir, "ckpt.pt" if m == 0 else f"ckpt{m}.pt")
+
+
+def load_sampler(path, tokenizer, device):
+    """--collect_from: the policy of an SFT, PPO or DPO checkpoint, which must share the SFT model's tokenizer."""
+    ck = C.load_checkpoint(path, "--collect_from", kinds=("sft", "ppo", "dpo"))
+    if ck.get("tokenizer") != tokenizer:
+        C.fail(f"--collect_from {path} was trained with another tokenizer than --init_from's")
+    model = GPT(GPTConfig(**{**ck["model_args"], "dropout": 0.0}))
+    model.load_state_dict(ck["policy"] if ck["stage"] == "ppo" else ck["model"])
+    return model.to(device).eval()
+
+
 def main(argv=None):
     from data.formats import DataError, load_preferences, load_prompts
     from tokenizer import Tokenizer
@@ -222,8 +249,9 @@ def main(argv=None):
     builtin = not args.data
     train_path, val_path = args.data, args.val_data
     if builtin:
-        if master:
-            builtin_comparisons(args, policy, tok, device, dtype)
+        if master:  # round 1 samples from the SFT policy; a later round from --collect_from (e.g. the PPO policy)
+            sampler = load_sampler(args.collect_from, sft["tokenizer"], device) if args.collect_from else policy
+            builtin_comparisons(args, sampler, tok, device, dtype)
         C.barrier(world)  # the others read what rank 0 collected
         train_path, val_path = (os.path.join(args.out_dir, f"comparisons_{s}.jsonl") for s in ("train", "val"))
     try:
@@ -236,9 +264,14 @@ def main(argv=None):
                        "record), leaving nothing to train on: give more data, or --val_data")
             cut = max(1, len(train_items) // 20)
             train_items, val_items = train_items[cut:], train_items[:cut]
+        prior_items = load_preferences(args.prior_data) if args.prior_data else []
     except DataError as e:
         C.fail(str(e))
     train_items, val_items = C.drop_ties(train_items, train_path), C.drop_ties(val_items, val_path or train_path)
+    if prior_items:  # an earlier round's comparisons, trained on together with this round's
+        if master:
+            print(f"adding {len(prior_items)} comparisons of an earlier round from {args.prior_data}")
+        train_items = C.drop_ties(prior_items, args.prior_data) + train_items
     raw_val = None
     if builtin:  # the gold labeler reads each held-out response's text, in label order
         raw_val = [{"request": it["prompt"][-1]["content"], "responses": it["responses"]} for it in val_items]
@@ -248,120 +281,168 @@ def main(argv=None):
         print(f"comparisons: {len(train.items)} train prompts ({train.n_pairs} pairs), {len(val.items)} held-out "
               f"({val.n_pairs} pairs)" + (f"; {world} processes, {args.batch_size} prompts each" if world > 1 else ""))
 
-    rm = GPTScalar.from_gpt(policy, args.dropout).train()  # trunk from the SFT model, fresh head N(0, 1/√(d+1))
-    optimizer = rm.gpt.configure_optimizers(args.weight_decay, args.learning_rate, device_type=device.split(":")[0])
-    optimizer.add_param_group({"params": list(rm.head.parameters()), "weight_decay": 0.0})
     global_batch = args.batch_size * world
     # with several processes the last, partial global batch of an epoch is dropped: every process gets a full share
     steps_per_epoch = math.ceil(len(train.items) / global_batch) if world == 1 else len(train.items) // global_batch
     if steps_per_epoch < 1:
         C.fail(f"{len(train.items)} training prompts are fewer than one global batch of {global_batch}")
     max_iters = max(1, round(args.epochs * steps_per_epoch))
-    data_gen = torch.Generator().manual_seed(args.seed)
-    order = train.epoch_order(global_batch, data_gen)
-    start_iter = 0
-    if args.resume:
-        ck = C.load_checkpoint(ckpt_path, "--resume", kinds=("rm",))
-        rm.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        C.set_rng_state(ck["rng"], data_gen)
-        order, start_iter = ck["order"], ck["iter"]
-        print(f"resuming {ckpt_path} at step {start_iter}")
-    log = C.RunLog(args.out_dir, resume_step=start_iter if args.resume else None) if master else None
-    fwd = C.ddp(rm, world, device)
-    fwd = torch.compile(fwd) if args.compile else fwd
+    steps_done = 0  # this process's training steps over all members (for --stop_after)
 
-    def save(it, extra=None):
-        """extra: the normalisation, which makes it the finished reward model ("complete") that PPO accepts."""
-        if not master:
-            return
-        C.save_checkpoint(ckpt_path, {
-            "stage": "rm", "model": rm.state_dict(), "model_args": C.model_args(rm), "optimizer": optimizer.state_dict(),
-            "iter": it, "order": order, "args": vars(args), "tokenizer": tok.to_dict(), "rng": C.rng_state(data_gen),
-            "complete": extra is not None, **(extra or {})})
+    def train_member(m):
+        """Train member m (the only one without --members) to the end, or until --stop_after. Returns (the reward
+        model, its save function, its log), or None when --stop_after stopped it."""
+        nonlocal steps_done
+        path = member_path(args.out_dir, m)
+        if m > 0:  # member 0 is the single reward model exactly as without --members; the others differ by seed
+            torch.manual_seed(args.seed + 1000 * m)
+        rm = GPTScalar.from_gpt(policy, args.dropout).train()  # trunk from the SFT model, fresh head N(0, 1/√(d+1))
+        optimizer = rm.gpt.configure_optimizers(args.weight_decay, args.learning_rate, device_type=device.split(":")[0])
+        optimizer.add_param_group({"params": list(rm.head.parameters()), "weight_decay": 0.0})
+        data_gen = torch.Generator().manual_seed(args.seed + 1000 * m)
+        order = train.epoch_order(global_batch, data_gen)
+        start_iter = 0
+        resumed = args.resume and (m == 0 or os.path.exists(path))  # a later member not begun yet starts afresh
+        if resumed:
+            ck = C.load_checkpoint(path, "--resume", kinds=("rm",))
+            rm.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            C.set_rng_state(ck["rng"], data_gen)
+            order, start_iter = ck["order"], ck["iter"]
+            print(f"resuming {path} at step {start_iter}")
+        name = "log.jsonl" if m == 0 else f"log{m}.jsonl"
+        log = C.RunLog(args.out_dir, resume_step=start_iter if resumed else None, name=name) if master else None
+        fwd = C.ddp(rm, world, device)
+        fwd = torch.compile(fwd) if args.compile else fwd
+        tag = f"rm{m} " if args.members > 1 else "rm "
 
-    t_loop, steps_done = time.time(), 0
-    for it in range(start_iter, max_iters):
-        if it % args.eval_interval == 0 and it > 0 and master:  # on a resume at an eval step it is redone
-            ev = evaluate(rm, val, args, device, dtype, raw_val)
-            log.log({"step": it, **ev}, f"eval step {it} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            save(it)
-        epoch_pos = (it % steps_per_epoch) * global_batch
-        if it > 0 and it % steps_per_epoch == 0:  # a new epoch: a new order
-            order = train.epoch_order(global_batch, data_gen)
-        idx = order[epoch_pos:epoch_pos + global_batch][rank * args.batch_size:(rank + 1) * args.batch_size]
-        lr = C.lr_at(it, max_iters, args.learning_rate, args.min_lr, args.warmup_iters, "cosine")
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.time()
-        r, k = batch_rewards(fwd, train.batch(idx, device), device, dtype)
-        loss = reward.ranking_loss(r, k)
-        loss.backward()
-        loss_val = C.all_reduce_mean(loss.detach(), world).item()
-        C.check_finite(loss_val, "reward-model loss", it, ckpt_path)
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        right, total = (world * C.all_reduce_mean(torch.tensor(reward.pair_accuracy(r.detach(), k), dtype=torch.float64,
-                                                                device=device), world)).tolist()
-        steps_done += 1
-        row = {"step": it, "loss": loss_val, "accuracy": right / max(total, 1), "lr": lr, "ms": (time.time() - t0) * 1000}
-        line = None
-        if it % args.log_interval == 0 or it == max_iters - 1:
-            line = (f"rm step {it}/{max_iters} | loss {loss_val:.4f} | acc {row['accuracy']:.3f} | lr {lr:.2e} | "
-                    f"{row['ms']:.0f}ms | eta {C.eta(t_loop, steps_done, max_iters - start_iter)}")
-        if master:
-            log.log(row, line)
-        if args.stop_after and steps_done >= args.stop_after and it + 1 < max_iters:
-            save(it + 1)
-            print(f"stopping after {steps_done} steps (--stop_after); continue with --resume=1")
-            return C.finish_distributed(world)
+        def save(it, extra=None):
+            """extra: the normalisation, which makes it the finished reward model ("complete") that PPO accepts."""
+            if not master:
+                return
+            C.save_checkpoint(path, {
+                "stage": "rm", "model": rm.state_dict(), "model_args": C.model_args(rm),
+                "optimizer": optimizer.state_dict(), "iter": it, "order": order, "args": vars(args),
+                "tokenizer": tok.to_dict(), "rng": C.rng_state(data_gen), "member": m,
+                "complete": extra is not None, **(extra or {})})
 
-    final = {}
-    if master:  # evaluation runs on rank 0; the normalisation on every process, all-reduced
-        final = evaluate(rm, val, args, device, dtype, raw_val, by_term=True)
-        by_term = final.pop("val_accuracy_gold_by_term", None)
-        log.log({"step": max_iters, **final}, f"eval step {max_iters} | " +
-                " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
-        if by_term:  # which parts of the hidden preference it has learned
-            print("accuracy against gold on the pairs where a term of the gold formula differs: " +
-                  ", ".join(f"{t} {v['accuracy']:.3f} ({v['pairs']})" for t, v in by_term.items()))
-            final["val_accuracy_gold_by_term"] = by_term
-        # the trained weights are kept before anything else can fail (the normalisation samples, the summary)
-        save(max_iters)
-    mu, sigma = 0.0, 1.0
-    summary = {**final, "seconds": 0.0, "iters": max_iters, "train_prompts": len(train.items),
-               "train_pairs": train.n_pairs}
-    if args.n_norm > 0:
+        t_loop, member_steps = time.time(), 0
+        for it in range(start_iter, max_iters):
+            if it % args.eval_interval == 0 and it > 0 and master:  # on a resume at an eval step it is redone
+                ev = evaluate(rm, val, args, device, dtype, raw_val)
+                log.log({"step": it, **ev}, f"eval {tag}step {it} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                save(it)
+            epoch_pos = (it % steps_per_epoch) * global_batch
+            if it > 0 and it % steps_per_epoch == 0:  # a new epoch: a new order
+                order = train.epoch_order(global_batch, data_gen)
+            idx = order[epoch_pos:epoch_pos + global_batch][rank * args.batch_size:(rank + 1) * args.batch_size]
+            lr = C.lr_at(it, max_iters, args.learning_rate, args.min_lr, args.warmup_iters, "cosine")
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.time()
+            r, k = batch_rewards(fwd, train.batch(idx, device), device, dtype)
+            loss = reward.ranking_loss(r, k)
+            loss.backward()
+            loss_val = C.all_reduce_mean(loss.detach(), world).item()
+            C.check_finite(loss_val, "reward-model loss", it, path)
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            right, total = (world * C.all_reduce_mean(torch.tensor(reward.pair_accuracy(r.detach(), k),
+                                                                    dtype=torch.float64, device=device), world)).tolist()
+            steps_done, member_steps = steps_done + 1, member_steps + 1
+            row = {"step": it, "loss": loss_val, "accuracy": right / max(total, 1), "lr": lr,
+                   "ms": (time.time() - t0) * 1000}
+            line = None
+            if it % args.log_interval == 0 or it == max_iters - 1:
+                line = (f"{tag}step {it}/{max_iters} | loss {loss_val:.4f} | acc {row['accuracy']:.3f} | lr {lr:.2e} | "
+                        f"{row['ms']:.0f}ms | eta {C.eta(t_loop, member_steps, max_iters - start_iter)}")
+            if master:
+                log.log(row, line)
+            if args.stop_after and steps_done >= args.stop_after and it + 1 < max_iters:
+                save(it + 1)
+                print(f"stopping after {steps_done} steps (--stop_after); continue with --resume=1")
+                return None
+        if start_iter < max_iters:
+            save(max_iters)  # the trained weights are kept before anything else can fail
+        rm.eval()
+        return rm, save, log
+
+    def normalise(rm, m, final):
+        """μ, σ of member m's scores on fresh SFT samples (the same samples for every member), and the check on
+        other fresh samples (normalised: mean 0, std 1), written into `final`."""
         # fresh prompts from the train side of the data (HH: the train conversations' prompts)
         if builtin:
-            reqs = [m for m in load_prompts(C.prepare_builtin()["prompts_train"])]
-            random.Random(args.seed + 2).shuffle(reqs)
-            norm_prompts, check_prompts = reqs[:args.n_norm], reqs[args.n_norm:2 * args.n_norm]
+            reqs = list(load_prompts(C.prepare_builtin()["prompts_train"]))
         else:
-            allp = [it["prompt"] for it in train_items]
-            random.Random(args.seed + 2).shuffle(allp)
-            norm_prompts, check_prompts = allp[:args.n_norm], allp[args.n_norm:2 * args.n_norm]
+            reqs = [it["prompt"] for it in train_items]
+        random.Random(args.seed + 2).shuffle(reqs)
+        norm_prompts, check_prompts = reqs[:args.n_norm], reqs[args.n_norm:2 * args.n_norm]
         mu, sigma = measure_normalisation(rm, policy, tok, norm_prompts, args.max_new_tokens, args.temperature,
                                           args.seed + 3, device, dtype, rank, world)
         if not sigma > 1e-6:  # every sample scored the same: (r − μ)/σ would divide by zero
             C.fail(f"normalisation: the reward model gave the same score ({mu:.6g}) to all the SFT policy's samples "
-                   f"(σ = {sigma:.3g}); the trained weights are kept in {ckpt_path} but are not usable for PPO "
-                   "(a degenerate reward model: more data or another learning rate)")
-        summary.update({"reward_mean": mu, "reward_std": sigma})
+                   f"(σ = {sigma:.3g}); the trained weights are kept in {member_path(args.out_dir, m)} but are not "
+                   "usable for PPO (a degenerate reward model: more data or another learning rate)")
+        final.update({"reward_mean": mu, "reward_std": sigma})
         if check_prompts:  # fresh samples on other prompts: normalised, they should score mean 0, std 1
             m2, s2 = measure_normalisation(rm, policy, tok, check_prompts, args.max_new_tokens, args.temperature,
                                            args.seed + 4, device, dtype, rank, world)
-            summary.update({"normalised_check_mean": (m2 - mu) / sigma, "normalised_check_std": s2 / sigma})
+            final.update({"normalised_check_mean": (m2 - mu) / sigma, "normalised_check_std": s2 / sigma})
+        return mu, sigma
+
+    members = []
+    for m in range(args.members):
+        out = train_member(m)
+        if out is None:
+            return C.finish_distributed(world)
+        members.append(out)
+
+    # each member: its accuracy (against the labels, against gold overall and per term), then its normalisation
+    summary = {"seconds": 0.0, "iters": max_iters, "train_prompts": len(train.items), "train_pairs": train.n_pairs}
+    per_member = []
+    for m, (rm, save, log) in enumerate(members):
+        final = {}
+        if master:  # evaluation runs on rank 0; the normalisation on every process, all-reduced
+            final = evaluate(rm, val, args, device, dtype, raw_val, by_term=True)
+            by_term = final.pop("val_accuracy_gold_by_term", None)
+            tag = f" (member {m})" if args.members > 1 else ""
+            log.log({"step": max_iters, **final}, f"eval step {max_iters}{tag} | " +
+                    " | ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            if by_term:  # which parts of the hidden preference it has learned
+                print(f"accuracy against gold{tag} on the pairs where a term of the gold formula differs: " +
+                      ", ".join(f"{t} {v['accuracy']:.3f} ({v['pairs']})" for t, v in by_term.items()))
+                final["val_accuracy_gold_by_term"] = by_term
+        mu, sigma = 0.0, 1.0
+        if args.n_norm > 0:
+            mu, sigma = normalise(rm, m, final)
+        if master:
+            save(max_iters, {"mu": mu, "sigma": sigma, "normalised": args.n_norm > 0})
+        per_member.append({**final, "mu": mu, "sigma": sigma})
     if not master:
         return C.finish_distributed(world)
-    save(max_iters, {"mu": mu, "sigma": sigma, "normalised": args.n_norm > 0})
+    summary.update({k: v for k, v in per_member[0].items() if k not in ("mu", "sigma")})  # as without --members
+
+    if args.members > 1:  # the members read as one (reward.Ensemble): each normalised, then aggregated
+        paths = [member_path(args.out_dir, m) for m in range(args.members)]
+        summary["members"] = per_member
+        summary["ensemble"] = {}
+        for how in reward.AGGREGATES:
+            ens = reward.Ensemble([rm for rm, _, _ in members], [p["mu"] for p in per_member],
+                                  [p["sigma"] for p in per_member], how)
+            ev = evaluate(ens, val, args, device, dtype, raw_val, by_term=True)
+            summary["ensemble"][how] = ev
+            by_term = ev.get("val_accuracy_gold_by_term", {})
+            print(f"ensemble of {args.members} ({how}): " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()
+                                                                       if not isinstance(v, dict)) +
+                  ("; per term: " + ", ".join(f"{t} {v['accuracy']:.3f}" for t, v in by_term.items()) if by_term else ""))
+        summary["ensemble_reward_model"] = ",".join(paths)
+        print(f"the ensemble for PPO: python train_ppo.py --reward_model={','.join(paths)} --rm_aggregate=mean")
     summary["seconds"] = time.time() - t_start
     C.write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print("summary: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
-                                  if not isinstance(v, dict)))
+                                  if not isinstance(v, (dict, list))))
     C.finish_distributed(world)
-
 
 if __name__ == "__main__":
     main()

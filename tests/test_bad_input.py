@@ -104,6 +104,13 @@ CASES = [
     # the run folder
     ("sft_over_old_run", "train_sft.py", ["--out_dir={dir}/old_run"], ["--out_dir={dir}/old_run", "already holds a run",
                                                                        "--resume=1", "--overwrite=1"]),
+    ("rm_collect_from_rm", "train_rm.py", ["--init_from={sft}", "--collect_from={rm}", OUT],
+     ["--collect_from", "{rm}", "is a reward model"]),
+    ("rm_collect_from_with_data", "train_rm.py", ["--init_from={sft}", "--collect_from={sft}", "--data={sft}", OUT],
+     ["--collect_from", "--data"]),
+    ("rm_no_prior_data", "train_rm.py", ["--init_from={sft}", "--prior_data={dir}/nope.jsonl", OUT],
+     ["--prior_data", "nope.jsonl", "no such file"]),
+    ("rm_zero_members", "train_rm.py", ["--init_from={sft}", "--members=0", OUT], ["argument --members"]),
     ("rm_over_old_run", "train_rm.py", ["--init_from={sft}", "--out_dir={dir}/old_run"], ["--out_dir", "already holds a run"]),
     ("ppo_over_old_run", "train_ppo.py", ["--init_from={sft}", "--reward_model={rm}", "--out_dir={dir}/old_run"],
      ["--out_dir", "already holds a run"]),
