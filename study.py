@@ -11,7 +11,9 @@ against d = √KL(π‖π_SFT) (for best-of-n, KL = ln n − (n−1)/n). It fits
 
 and writes <out_dir>/study.md (the table, the fits, the predicted peaks), study.json and study.png.
 It also trains a reward model on more comparisons (--big_rm_prompts; --big_rm=0 skips it) and repeats best-of-n
-and the lowest-β PPO run with it, to show the peak move.
+and the lowest-β PPO run with it, to show the peak move; and an ensemble of --ensemble reward models (Coste et al.
+2024, "Reward Model Ensembles Help Mitigate Overoptimization"; --ensemble=0 skips it), against whose mean and
+uncertainty-weighted aggregate (mean − λ·variance) it repeats best-of-n and PPO at the two lowest β.
 
 Reads out/sft/ckpt.pt and out/rm/ckpt.pt (run train_sft.py and train_rm.py first).
 
@@ -131,6 +133,12 @@ def main(argv=None):
     p.add_argument("--big_rm_prompts", type=C.count(), default=20000,
                    help="comparison prompts of the bigger reward model (all 20,000 train prompts of the built-in "
                         "task; the default reward model uses 8,000)")
+    p.add_argument("--ensemble", type=C.count(0), default=3,
+                   help="members of a reward-model ensemble (Coste et al. 2024; train_rm.py --members) trained with "
+                        "the default reward model's settings; PPO at the two lowest β against its mean and its "
+                        "uncertainty-weighted aggregate (0: skip it)")
+    p.add_argument("--ensemble_rm", default="", help="an existing ensemble's comma-separated checkpoints instead")
+    p.add_argument("--uwo_lambda", type=C.nonneg, default=1.0, help="λ of the uncertainty-weighted aggregate")
     p.add_argument("--temperature", type=C.positive, default=0.7, help="sampling temperature T")
     p.add_argument("--max_new_tokens", type=C.count(), default=64, help="response length limit")
     p.add_argument("--device", default="auto")
@@ -152,29 +160,47 @@ def main(argv=None):
     policy.load_state_dict(sft["model"])
     policy.to(device).eval()
     prompts = load_prompts(C.prepare_builtin(quiet=True)["prompts_val"])[:args.n_eval_prompts]
+    for spec in (args.rm, args.ensemble_rm):  # a wrong checkpoint fails now, not after the reward models it trains
+        if spec:
+            C.load_reward_models(spec, "reward model", tokenizer=sft["tokenizer"])
 
-    rms = {"rm": args.rm}
+    import train_rm
+    # name -> (reward model(s), aggregate, the fixed β of its PPO runs)
+    rms = {"rm": (args.rm, "mean", kl_coefs)}
     if args.big_rm:
-        import train_rm
         big = os.path.join(args.out_dir, "rm_big")
         if not os.path.exists(os.path.join(big, "summary.json")):
             train_rm.main([f"--init_from={args.sft}", f"--out_dir={big}", f"--n_prompts={args.big_rm_prompts}",
                            "--overwrite=1"])  # an unfinished earlier attempt is redone
-        rms["rm_big"] = os.path.join(big, "ckpt.pt")
+        rms["rm_big"] = (os.path.join(big, "ckpt.pt"), "mean", kl_coefs[:1])
+    ensemble = args.ensemble_rm
+    if args.ensemble and not ensemble:
+        ens_dir = os.path.join(args.out_dir, "rm_ensemble")
+        if not os.path.exists(os.path.join(ens_dir, "summary.json")):
+            train_rm.main([f"--init_from={args.sft}", f"--out_dir={ens_dir}", f"--members={args.ensemble}",
+                           "--overwrite=1"])
+        ensemble = ",".join(train_rm.member_path(ens_dir, m) for m in range(args.ensemble))
+    if ensemble:  # Coste et al.: does the ensemble, with a small KL penalty or none, stop the over-optimisation?
+        for how in ("mean", "uwo"):
+            rms[f"ensemble_{how}"] = (ensemble, how, kl_coefs[:2])
 
     results = {}
-    for name, rm_path in rms.items():
-        rm, mu, sigma = reward.load_reward_model(C.load_checkpoint(rm_path, "reward model", kinds=("rm",), complete=True), device)
-        with open(os.path.join(os.path.dirname(rm_path), "summary.json")) as f:
+    for name, (rm_path, how, betas) in rms.items():
+        rm, mu, sigma, _ = C.load_reward_models(rm_path, "reward model", device, how, args.uwo_lambda)
+        with open(os.path.join(os.path.dirname(rm_path.split(",")[0]), "summary.json")) as f:
             rm_summary = json.load(f)
+        if "," in rm_path:  # train_rm.py --members wrote each aggregate's accuracy
+            rm_summary = {**rm_summary, **rm_summary.get("ensemble", {}).get(how, {})}
         res = {"rm_val_accuracy_gold": rm_summary.get("val_accuracy_gold"),
-               "rm_train_prompts": rm_summary.get("train_prompts"), "bon": [], "ppo": {}}
+               "rm_train_prompts": rm_summary.get("train_prompts"), "members": rm_path.count(",") + 1,
+               "aggregate": how, "bon": [], "ppo": {}}
         print(f"[{name}] best-of-n at n = {ns} ...", flush=True)
         res["bon"] = best_of_n(policy, rm, mu, sigma, tok, prompts, ns, args.temperature, args.max_new_tokens,
                                args.seed, device)
-        for beta in (kl_coefs if name == "rm" else kl_coefs[:1]):
+        for beta in betas:
             print(f"[{name}] PPO with fixed β = {beta} ...", flush=True)
-            flags = [f"--init_from={args.sft}", f"--reward_model={rm_path}", "--target_kl=0", f"--kl_coef={beta}",
+            flags = [f"--init_from={args.sft}", f"--reward_model={rm_path}", f"--rm_aggregate={how}",
+                     f"--uwo_lambda={args.uwo_lambda}", "--target_kl=0", f"--kl_coef={beta}",
                      f"--iters={args.iters}", f"--eval_interval={args.eval_interval}",
                      f"--n_eval_prompts={args.n_eval_prompts}", f"--temperature={args.temperature}",
                      f"--device={device}", f"--seed={args.seed}"]
@@ -204,7 +230,9 @@ def write_report(results, out_dir):
              "Gold and proxy (reward-model) scores on held-out prompts against d = √KL(π‖π_SFT).", ""]
     for name, res in ((k, v) for k, v in results.items() if k != "seconds"):
         acc, n = res["rm_val_accuracy_gold"], res.get("rm_train_prompts")
-        lines += [f"## {name}: held-out accuracy against gold " + (f"{acc:.3f}" if acc is not None else "n/a") +
+        what = (f"an ensemble of {res['members']} reward models, aggregated by {res['aggregate']}"
+                if res.get("members", 1) > 1 else "one reward model")
+        lines += [f"## {name}: {what}; held-out accuracy against gold " + (f"{acc:.3f}" if acc is not None else "n/a") +
                   (f", trained on {n:,} prompts" if n else ""), "",
                   "| method | setting | KL | d | proxy | gold | gold, picked by gold |",
                   "|---|---|---|---|---|---|---|"]

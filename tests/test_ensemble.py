@@ -97,3 +97,27 @@ def test_round_two_samples_the_ppo_policy_and_keeps_round_one(chain, tmp_path):
     summary = read_json(os.path.join(out, "summary.json"))
     assert summary["train_prompts"] == len(new) + len(old)
     assert f"adding {len(old)} comparisons of an earlier round" in stdout
+
+
+def test_study_runs_the_ensemble_rows(chain, tmp_path):
+    """study.py with an ensemble of two: its mean and uncertainty-weighted rows are there, and on the same samples
+    (best-of-1, PPO's iteration-0 evaluation) the uwo proxy is the mean proxy minus a variance: never above it."""
+    import study
+    ck = load(chain["rm_ckpt"])
+    ck["model"]["head.weight"] = ck["model"]["head.weight"] * -0.5  # a second member that disagrees
+    other = str(tmp_path / "rm_b.pt")
+    torch.save(ck, other)
+    out = str(tmp_path / "study")
+    code, stdout, err = run_main(study, [f"--sft={chain['sft_ckpt']}", f"--rm={chain['rm_ckpt']}", "--big_rm=0",
+                                         f"--ensemble_rm={chain['rm_ckpt']},{other}", "--kl_coefs=0", "--iters=2",
+                                         "--eval_interval=1", "--n_eval_prompts=6", "--bon_n=1,2", "--max_new_tokens=16",
+                                         f"--out_dir={out}", "--device=cpu"])
+    assert code == 0, err
+    res = read_json(os.path.join(out, "study.json"))
+    assert {"rm", "ensemble_mean", "ensemble_uwo"} <= set(res)
+    mean, uwo = res["ensemble_mean"], res["ensemble_uwo"]
+    assert mean["members"] == uwo["members"] == 2 and uwo["aggregate"] == "uwo"
+    assert uwo["bon"][0]["proxy"] < mean["bon"][0]["proxy"] - 1e-4  # the members disagree: a real penalty
+    assert uwo["bon"][0]["gold"] == mean["bon"][0]["gold"]  # best-of-1: the same samples
+    assert uwo["ppo"]["0.0"][0]["proxy"] < mean["ppo"]["0.0"][0]["proxy"]
+    assert "an ensemble of 2 reward models, aggregated by uwo" in open(os.path.join(out, "study.md")).read()
