@@ -130,9 +130,9 @@ def main(argv=None):
     p.add_argument("--n_eval_prompts", type=C.count(), default=128, help="held-out prompts of each study point")
     p.add_argument("--bon_n", default="1,2,4,8,16,32,64", help="best-of-n values")
     p.add_argument("--big_rm", type=C.flag01, default=1, help="1: also a reward model on more comparisons (0: skip it)")
-    p.add_argument("--big_rm_prompts", type=C.count(), default=20000,
-                   help="comparison prompts of the bigger reward model (all 20,000 train prompts of the built-in "
-                        "task; the default reward model uses 8,000)")
+    p.add_argument("--big_rm_prompts", type=C.count(), default=10000,
+                   help="comparison prompts of the bigger reward model (2.5× the default reward model's 4,000; the "
+                        "built-in task has 20,000 train prompts)")
     p.add_argument("--ensemble", type=C.count(0), default=3,
                    help="members of a reward-model ensemble (Coste et al. 2024; train_rm.py --members) trained with "
                         "the default reward model's settings; PPO at the two lowest β against its mean and its "

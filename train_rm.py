@@ -42,9 +42,10 @@ def get_args(argv=None):
     a("--init_from", default="out/sft/ckpt.pt", help="SFT checkpoint: the trunk, the tokenizer and the sampler")
     a("--out_dir", default="out/rm")
     # collection on the built-in task (InstructGPT's pipeline)
-    a("--n_prompts", type=C.count(), default=8000, help="built-in: train prompts to collect comparisons on")
+    a("--n_prompts", type=C.count(), default=4000, help="built-in: train prompts to collect comparisons on")
     a("--n_val_prompts", type=C.count(), default=300, help="built-in: held-out prompts to collect comparisons on")
-    a("--K", type=C.count(2), default=4, help="built-in: responses ranked per prompt, at least 2 (InstructGPT: 4 ≤ K ≤ 9)")
+    a("--K", type=C.count(2), default=8, help="built-in: responses ranked per prompt, at least 2 (InstructGPT: 4 ≤ K ≤ 9); "
+      "each answer is forwarded once for its K − 1 pairs, so K = 8 gives 3.5 pairs per sampled answer where K = 4 gives 1.5")
     a("--label_temperature", type=C.positive, default=1.0, help="built-in: the noisy labeler's Plackett–Luce temperature")
     a("--max_new_tokens", type=C.count(), default=64, help="response length limit when sampling")
     a("--temperature", type=C.positive, default=0.7, help="sampling temperature T (the same T as PPO will use)")
