@@ -64,6 +64,8 @@ def get_args(argv=None):
     a("--whiten_rewards", type=C.flag01, default=0, help="1: whiten the rewards (keeping their mean) before GAE")
     a("--gamma", type=C.unit, default=1.0, help="γ: discount")
     a("--lam", type=C.unit, default=0.95, help="λ: GAE parameter")
+    a("--critic", type=C.flag01, default=1, help="--algo=ppo: 0 = no critic, V ≡ 0, so that with --lam=1 Â_t is the "
+                                                "return-to-go Σ_{t'≥t} γ^{t'−t} r_{t'}: REINFORCE without a baseline")
     # the estimator: PPO (GAE with a critic), or critic-free with k answers per prompt
     a("--algo", default="ppo", choices=["ppo", "rloo", "grpo"],
       help="ppo: GAE and a critic; rloo: leave-one-out baseline over --group_size answers (Ahmadian et al. 2024); "
@@ -150,7 +152,7 @@ def load_models(args, device):
     ref = GPT(config)
     ref.load_state_dict(sft["model"])
     critic = None  # the critic-free estimators build none
-    if args.algo == "ppo":  # from the (first) reward model
+    if args.algo == "ppo" and args.critic:  # from the (first) reward model
         critic = GPTScalar(GPTConfig(**{**rm_ckpt["model_args"], "dropout": 0.0}))
         critic.load_state_dict(rm_ckpt["model"])
         c_mu, c_sigma = rm_ckpt.get("mu", 0.0), rm_ckpt.get("sigma", 1.0)
@@ -214,6 +216,7 @@ def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen
 
         # 5. GAE; returns before whitening; then the advantages are whitened over real tokens
         advantages, returns = ppo.gae(rewards, values, response_mask, args.gamma, args.lam)  # (B, Tn) each
+        adv_var = ppo.masked_var(advantages, response_mask)  # what a baseline reduces; whitening only rescales it
         advantages = ppo.masked_whiten(advantages, response_mask)
     else:
         # 4–5, critic-free: one advantage per answer against the other answers to its prompt, at all its tokens.
@@ -224,11 +227,13 @@ def rollout(policy, ref, critic, rm, mu, sigma, tok, prompts, args, kl_coef, gen
             seq_adv = ppo.grpo_advantages(scores, args.group_size, scale=not args.dr_grpo)  # (B,)
         advantages = seq_adv[:, None] * response_mask                                 # (B, Tn)
         returns = torch.zeros_like(advantages)
+        adv_var = ppo.masked_var(advantages, response_mask)
 
     stats = {"objective/scores": scores.mean(), "objective/kl": kl.mean(),
              "objective/kl_k3": (ppo.kl_k3(logprobs, ref_logprobs) * response_mask).sum(1).mean(),
              "objective/entropy": ppo.masked_mean(entropy, response_mask),
              "objective/rm_raw": raw.mean(), "ppo/returns/mean": ppo.masked_mean(returns, response_mask),
+             "ppo/advantages/var": adv_var,
              "response/length": response_mask.float().sum(1).mean(), "response/eos_share": has_eos.float().mean(),
              "ppo/sampler_max_dev": torch.tensor(sampler_dev)}
     if critic is not None:
@@ -330,7 +335,7 @@ def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, g
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf, foreach=True)
             opt_policy.step()
             row = {"ppo/policy/approxkl": pg["approxkl"], "ppo/policy/clipfrac": pg["clipfrac"],
-                   "ppo/loss/policy": pg_loss.detach()}
+                   "ppo/policy/ratio_max_dev": pg["ratio_max_dev"], "ppo/loss/policy": pg_loss.detach()}
             if critic is not None:
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or math.inf, foreach=True)
                 opt_critic.step()
@@ -343,6 +348,9 @@ def update(policy, critic, opt_policy, opt_critic, batch, args, device, dtype, g
             stats.append(row)
     # one sync for the whole update: means over its minibatches
     out = {k: torch.stack([s[k] for s in stats]).float().mean().item() for k in stats[0]}
+    # max |ρ − 1| over every minibatch of the update: how far the policy moved from the one that sampled the batch
+    # (under torchrun, like every logged figure, the mean over the processes of each one's own maximum)
+    out["ppo/policy/ratio_max_dev"] = max(s["ppo/policy/ratio_max_dev"] for s in stats).item()
     if args.policy_loss == "penalty":  # the d that PPO-penalty's β rule reads: after the update, not during it
         out["ppo/policy/kl_old_new"] = kl_old_new(policy, batch, args, device, dtype)
     return out
@@ -523,8 +531,12 @@ def main(argv=None):
                          f"kl {stats['objective/kl']:.3f} | β {kl_coef_used:.4f} | "
                          f"ent {stats['objective/entropy']:.3f} | len {stats['response/length']:.1f} | "
                          f"eos {stats['response/eos_share']:.2f} | approxkl {upd['ppo/policy/approxkl']:.4f} | "
-                         f"clipfrac {upd['ppo/policy/clipfrac']:.3f} | "
-                         + (f"vexp {upd['ppo/val/var_explained']:.2f} | " if critic is not None else "") +
+                         f"clipfrac {upd['ppo/policy/clipfrac']:.3f} | max|ρ−1| {upd['ppo/policy/ratio_max_dev']:.3f} | "
+                         f"adv_var {stats['ppo/advantages/var']:.3f} | "
+                         + (f"vexp {upd['ppo/val/var_explained']:.2f} | " if critic is not None else "")
+                         + (f"β_pen {penalty_beta_used:.4f} | d {upd['ppo/policy/kl_old_new']:.4f} | "
+                            if args.policy_loss == "penalty" else "")
+                         + (f"ptx {upd['ppo/loss/ptx']:.3f} | " if args.ptx_coef > 0 else "") +
                          f"{t1 - t0:.2f}s+{t2 - t1:.2f}s | eta {C.eta(t_loop, done_here, args.iters - start_it)}")
         if (it + 1) % args.eval_interval == 0 and it + 1 < args.iters:
             rngs = C.rng_states_of_all_ranks(world, gen, cpu_gen)
