@@ -218,7 +218,13 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
                "--resume=1" if resume else "--overwrite=1"]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt < 5:  # five kills at random moments; then let it finish
-            time.sleep(rng.uniform(1.5, 4.0))
+            # a random moment after this attempt has written a checkpoint of its own (on a loaded machine the
+            # start-up alone can outlast a fixed delay), so each kill lands among steps and saves
+            t0, ck = time.time(), os.path.join(run, "ckpt.pt")
+            while proc.poll() is None and time.time() - t0 < 120 and \
+                    not (os.path.exists(ck) and os.path.getmtime(ck) >= t0):
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 1.0))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
