@@ -55,3 +55,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tutorial_in_background(request, tmp_path_factory):
+    """When the session runs docs/tutorial.md's commands (tests/test_tutorial.py), they start with the session, at
+    the lowest CPU priority, beside the other tests: those are mostly one-threaded and leave a core idle, so the
+    tutorial's two minutes of commands cost the session little wall time. Its test waits for the run."""
+    wanted = any(item.fspath.basename == "test_tutorial.py" and "tutorial" in item.fixturenames
+                 for item in request.session.items)
+    if wanted:
+        import test_tutorial
+        test_tutorial.start_in_background(tmp_path_factory.mktemp("tutorial"))
+    yield
+    if wanted:
+        test_tutorial.stop_background()

@@ -21,7 +21,10 @@ The run: a clean checkout (the repository's files without out/ or the generated 
 command through bash from its root, as a reader would type it, two at a time (a step waits for the steps whose
 --out_dir it reads). Each command must succeed in under 60 s of CPU time; the expected lines must have the printed
 lines' form (the same words, any numbers; "..." stands for anything); every check must hold. About 2 minutes on
-2 cores; TUTORIAL_OUTPUTS=out.json keeps every command's output (to refresh the page's blocks). The checker itself
+2 cores alone. In a whole session the run starts with the session, at the lowest CPU priority (nice 19), on the
+core the other tests, mostly one-threaded, leave idle (tests/conftest.py); the CPU limit is CPU time, not wall
+time, so this cannot change a verdict. TUTORIAL_OUTPUTS=out.json keeps every command's output (to refresh the
+page's blocks). The checker itself
 is tested on a deliberately wrong tutorial, and --critic=0 (the REINFORCE step's flag) against the return-to-go.
 """
 import ast
@@ -238,13 +241,21 @@ def clean_checkout(dst):
     assert not os.path.exists(os.path.join(dst, "out")), "the clean checkout has runs in it"
 
 
-def run_command(command, cwd, timeout=300):
-    """bash -c command in cwd, with this Python first on the PATH (the reader's activated environment) -> (exit
-    status, output, CPU seconds of the command and its children, wall seconds)."""
+RUNNING = set()  # the process groups of the commands running now (killed if the session ends first)
+
+
+def run_command(command, cwd, timeout=300, nice=0):
+    """bash -c command in cwd, with this Python first on the PATH (the reader's activated environment), at CPU
+    priority `nice` -> (exit status, output, CPU seconds of the command and its children, wall seconds)."""
     t0 = time.time()
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    prefix = ["nice", "-n", str(nice)] if nice and shutil.which("nice") else []
+    # its own process group, to kill it whole; not its own session: Linux schedules each session as one group
+    # (autogroup), which would give a niced command a core's share whatever its nice value
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+    proc = subprocess.Popen(prefix + ["bash", "-c", command], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, **group)
+    RUNNING.add(proc.pid)
     timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, 9))
     timer.start()
     try:
@@ -252,21 +263,23 @@ def run_command(command, cwd, timeout=300):
         _, status, usage = os.wait4(proc.pid, 0)
     finally:
         timer.cancel()
+        RUNNING.discard(proc.pid)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, output, usage.ru_utime + usage.ru_stime, time.time() - t0
 
 
-def run_all(steps, cwd, workers=WORKERS):
-    """Every step, at most `workers` at a time, each after the steps whose --out_dir its command reads.
-    Returns {name: {rc, output, cpu, wall}}; a step whose dependency failed is not run (rc None)."""
+def run_all(steps, cwd, workers=WORKERS, nice=0, stop=None):
+    """Every step, at most `workers` at a time, each after the steps whose --out_dir its command reads, until the
+    event `stop` is set. Returns {name: {rc, output, cpu, wall}}; a step whose dependency failed is not run (rc
+    None)."""
     outs = {s["name"]: OUT_DIR.search(s["command"]) for s in steps}
     deps = {s["name"]: [t["name"] for t in steps[:i] if outs[t["name"]]
                         and outs[t["name"]].group(1).rstrip("/") + "/" in s["command"]]
             for i, s in enumerate(steps)}
     results, running, todo = {}, {}, list(steps)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        while todo or running:
-            for s in list(todo):
+        while (todo and not (stop and stop.is_set())) or running:
+            for s in list(todo) if not (stop and stop.is_set()) else []:
                 if len(running) >= workers:
                     break
                 if any(d not in results for d in deps[s["name"]]):
@@ -275,7 +288,7 @@ def run_all(steps, cwd, workers=WORKERS):
                 if any(results[d]["rc"] != 0 for d in deps[s["name"]]):
                     results[s["name"]] = {"rc": None, "output": "not run: a step it reads failed", "cpu": 0, "wall": 0}
                     continue
-                running[pool.submit(run_command, s["command"], cwd)] = s["name"]
+                running[pool.submit(run_command, s["command"], cwd, nice=nice)] = s["name"]
             if not running:
                 continue
             done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -285,13 +298,50 @@ def run_all(steps, cwd, workers=WORKERS):
     return results
 
 
+BACKGROUND = {}  # the run started with the session (tests/conftest.py): its thread, stop event and result
+
+
+def start_in_background(work):
+    """Start the tutorial's run on a clean checkout in `work`, niced, in a thread; the fixture below waits for it."""
+    steps = parse(read(DOC))[0]
+    clean_checkout(str(work))
+    stop, box = threading.Event(), {}
+
+    def run():
+        try:
+            box["results"] = run_all(steps, str(work), nice=19, stop=stop)
+        except BaseException as e:  # shown by the fixture, in the test that needs the run
+            box["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    BACKGROUND.update(thread=thread, stop=stop, box=box, t0=time.time())
+    thread.start()
+
+
+def stop_background():
+    """The session is over: stop scheduling, kill what still runs."""
+    if BACKGROUND:
+        BACKGROUND["stop"].set()
+        for pid in list(RUNNING):
+            try:
+                os.killpg(pid, 9)
+            except ProcessLookupError:
+                pass
+        BACKGROUND["thread"].join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def tutorial(tmp_path_factory):
     steps, checks, prose = parse(read(DOC))
-    work = tmp_path_factory.mktemp("checkout")
-    clean_checkout(str(work))
-    t0 = time.time()
-    results = run_all(steps, str(work))
+    if BACKGROUND:
+        BACKGROUND["thread"].join()
+        if "error" in BACKGROUND["box"]:
+            raise BACKGROUND["box"]["error"]
+        t0, results = BACKGROUND["t0"], BACKGROUND["box"]["results"]
+    else:
+        work = tmp_path_factory.mktemp("checkout")
+        clean_checkout(str(work))
+        t0 = time.time()
+        results = run_all(steps, str(work))
     print(f"\ntutorial: {len(steps)} commands in {time.time() - t0:.0f} s wall, "
           f"{sum(r['cpu'] for r in results.values()):.0f} s CPU")
     for s in steps:
