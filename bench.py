@@ -3,7 +3,8 @@ Speed benchmark. Prints progress, then as its LAST line one JSON object that oth
 
   device, config, train_tokens_per_s (forward + backward + AdamW step), sample_tokens_per_s_cache and
   sample_tokens_per_s_nocache (batch 64, 64-token prompts, 128 new tokens, pure sampling with no early stop),
-  kv_cache_speedup, train_mfu on CUDA (against the GPU's bf16 peak), and (--ppo=1) ppo_iter_seconds, ppo_rollout_seconds, ppo_update_seconds
+  kv_cache_speedup, (--hf=1) hf_sample_tokens_per_s_cache / _nocache and sample_speedup_vs_hf_cache (Hugging Face
+  generate on the same weights, the same batch), train_mfu on CUDA (against the GPU's bf16 peak), and (--ppo=1) ppo_iter_seconds, ppo_rollout_seconds, ppo_update_seconds
   (medians at the PPO issue's fixed setting, at --vocab), ppo_model_gflop (the iteration's model FLOPs), and on CPU
   cpu_peak_gflops (this machine's fp32 matmul rate, measured), ppo_floor_seconds (the FLOPs at that rate) and
   ppo_floor_fraction (floor / measured: 1 would be a perfect implementation), and peak memory.
@@ -12,6 +13,7 @@ Numbers are medians of repeated timings; the machines are shared and noisy, so c
 
   python bench.py                      # CPU, the built-in task's small config, 2 threads
   python bench.py --vocab=50257        # the same at GPT-2's vocabulary
+  python bench.py --ppo=0 --hf=1       # sampling, ours against Hugging Face generate on the same weights
   python bench.py --device=cuda --config=gpt2
 """
 
@@ -75,6 +77,39 @@ def model_flops_per_token(config, seq):
     """6N for the matmuls forward + backward, plus the attention scores: 12·L·C·T (Kaplan et al.; PaLM appendix B)."""
     n = 12 * config.n_layer * config.n_embd ** 2 + config.vocab_size * config.n_embd  # blocks + tied embedding
     return 6 * n + 12 * config.n_layer * config.n_embd * seq
+
+
+def hf_twin(config, device):
+    """Our GPT and a Hugging Face GPT2LMHeadModel with the same weights (one network, two implementations), for
+    timing HF `generate` against ours on the same model; transformers is optional and imported only here."""
+    try:
+        import transformers
+    except ImportError:
+        C.fail("--hf=1 needs the optional package transformers (pip install transformers), or pass --hf=0")
+    V = config.vocab_size
+    hf_cfg = transformers.GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                                     vocab_size=V, n_positions=config.block_size, activation_function="gelu_new",
+                                     resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=V - 2,
+                                     eos_token_id=None, pad_token_id=V - 1)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    hf.generation_config.eos_token_id = None  # like eos_id=None in ours: every response is max_new_tokens long
+    hf.generation_config.pad_token_id = V - 1
+    return GPT.from_hf(hf).to(device), hf.to(device)
+
+
+def bench_sample_hf(hf, device, batch, prompt_len, new_tokens, use_cache, repeat, autocast):
+    """bench_sample through Hugging Face `generate`: pure sampling from softmax(logits) (no top-k, top-p or early
+    stop), the same batch, prompt length and new tokens."""
+    V = hf.config.vocab_size
+    prompts = torch.randint(0, V - 2, (batch, prompt_len), device=device)
+    torch.manual_seed(0)
+
+    def run():
+        with autocast, torch.no_grad():
+            hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0, top_p=1.0,
+                        temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=use_cache)
+
+    return batch * new_tokens / timed(run, device, repeat)
 
 
 def bench_sample(model, device, batch, prompt_len, new_tokens, use_cache, repeat, autocast):
@@ -178,6 +213,8 @@ def main():
     p.add_argument("--train_batch", type=C.count(), default=16, help="sequences per timed training step")
     p.add_argument("--train_seq", type=C.count(), default=256, help="tokens per training sequence")
     p.add_argument("--model", type=C.flag01, default=1, help="1: time training and sampling")
+    p.add_argument("--hf", type=C.flag01, default=0, help="1: also time Hugging Face generate on the same weights "
+                   "(needs transformers)")
     p.add_argument("--ppo", type=C.flag01, default=1, help="1: time PPO iterations at the PPO issue's fixed setting")
     p.add_argument("--attn_impl", default="sdpa", choices=["sdpa", "explicit"], help="attention path of the PPO run")
     p.add_argument("--vocab", type=C.count(3), default=512, help="vocabulary of the PPO run: 512 (the PPO issue's "
@@ -199,7 +236,7 @@ def main():
               "config": args.config, "torch": torch.__version__}
     if args.model:
         cfg = {**CONFIGS[args.config], **({"vocab_size": args.vocab} if args.config == "small" else {})}
-        model = GPT(GPTConfig(**cfg)).to(device)
+        model, hf = hf_twin(GPTConfig(**cfg), device) if args.hf else (GPT(GPTConfig(**cfg)).to(device), None)
         result["params"] = model.get_num_params()
         seq = min(args.train_seq, model.config.block_size)
         result["train_tokens_per_s"] = round(bench_train(model, device, args.train_batch, seq, args.repeat, autocast))
@@ -213,6 +250,13 @@ def main():
             result[key] = round(bench_sample(model, device, 64, 64, 128, use_cache, args.repeat, autocast))
             print(f"{key}: {result[key]}", file=sys.stderr)
         result["kv_cache_speedup"] = round(result["sample_tokens_per_s_cache"] / result["sample_tokens_per_s_nocache"], 2)
+        if hf is not None:  # Hugging Face generate on the same weights, in the same run
+            for use_cache in (True, False):
+                key = "hf_sample_tokens_per_s_cache" if use_cache else "hf_sample_tokens_per_s_nocache"
+                result[key] = round(bench_sample_hf(hf, device, 64, 64, 128, use_cache, args.repeat, autocast))
+                print(f"{key}: {result[key]}", file=sys.stderr)
+            result["sample_speedup_vs_hf_cache"] = round(result["sample_tokens_per_s_cache"]
+                                                         / result["hf_sample_tokens_per_s_cache"], 2)
     if args.ppo:
         result.update(bench_ppo(device, args.ppo_iters, args.attn_impl, args.vocab))
         if device == "cpu":  # the FLOP floor: the iteration's model FLOPs at the machine's measured fp32 matmul rate

@@ -456,6 +456,30 @@ def test_gpt2_equivalence():
         close(ours[keep], ref[keep], atol=1e-4)
 
 
+def test_bench_times_hugging_face_generate_on_the_same_network():
+    """bench.py --hf=1 compares sampling speed with HF generate: the two must be one network with one stopping rule.
+    With O(1) weights (HF's own init is nearly flat), ours and HF agree on the logits and greedy-decode the same
+    tokens for exactly max_new_tokens (no EOS stop in either)."""
+    pytest.importorskip("transformers")
+    import bench
+    _, hf = bench.hf_twin(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=101, block_size=64), "cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    ours = GPT.from_hf(hf).eval()
+    prompts = torch.randint(0, 99, (4, 7), generator=g)
+    with torch.no_grad():
+        ref = hf(prompts).logits
+        assert ref.std() > 0.5
+        close(ours(prompts)[0], ref, atol=1e-4)
+        hf_out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=25,
+                             min_new_tokens=25)[:, 7:]
+    s = ours.generate(prompts, 25, pad_id=100, eos_id=None, temperature=0)
+    assert hf_out.shape == (4, 25)
+    assert torch.equal(s.responses, hf_out)
+
+
 def test_gpt2_names_and_tying():
     hf = hf_gpt2()
     model = GPT.from_hf(hf)
