@@ -260,25 +260,32 @@ def write_report(results, out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, res in ((k, v) for k, v in results.items() if k != "seconds"):
+    # one panel for best-of-n, then one per PPO β among the two lowest (β = 0: over-optimisation unchecked; the
+    # next: whether a small KL penalty holds it, with one reward model and with the ensemble)
+    betas = sorted({b for k, v in results.items() if k != "seconds" for b in v["ppo"]}, key=float)[:2]
+    fig, axes = plt.subplots(1, 1 + len(betas), figsize=(5.5 * (1 + len(betas)), 4), squeeze=False)
+    axes = axes[0]
+    for i, (name, res) in enumerate((k, v) for k, v in results.items() if k != "seconds"):
+        c = f"C{i}"  # one colour per reward model in every panel: gold as dots, proxy as crosses, fits dashed
         g0 = res["bon"][0]["gold"]
         d = [q["d"] for q in res["bon"]]
-        axes[0].plot(d, [q["gold"] - g0 for q in res["bon"]], "o", label=f"{name} gold")
-        axes[0].plot(d, [q["proxy"] for q in res["bon"]], "x", label=f"{name} proxy")
+        axes[0].plot(d, [q["gold"] - g0 for q in res["bon"]], "o", color=c, label=f"{name} gold")
+        axes[0].plot(d, [q["proxy"] for q in res["bon"]], "x", color=c, alpha=0.6, label=f"{name} proxy")
         if name == "rm":  # the same samples picked by gold: what a perfect reward model would reach
             axes[0].plot(d, [q["gold_ceiling"] - g0 for q in res["bon"]], "k:", label="gold, picked by gold")
         fb, xs = res["fit_bon"], torch.linspace(0.01, max(d) * 1.2, 100)
-        axes[0].plot(xs, xs * (fb["alpha"] - fb["beta"] * xs), "--", label=f"{name} gold fit")
-        low = min(res["ppo"], key=float)
-        run = res["ppo"][low]
-        d = [q["d"] for q in run]
-        axes[1].plot(d, [q["gold"] - run[0]["gold"] for q in run], "o-", label=f"{name} gold (β={low})")
-        axes[1].plot(d, [q["proxy"] - run[0]["proxy"] for q in run], "x-", label=f"{name} proxy (β={low})")
-        if "fit_rl" in res:
-            fr, xs = res["fit_rl"], torch.linspace(0.05, max(d) * 1.2, 100)
-            axes[1].plot(xs, xs * (fr["alpha"] - fr["beta"] * torch.log(xs)), "--", label=f"{name} gold fit")
-    for ax, title in zip(axes, ("best-of-n", "PPO at the lowest β")):
+        axes[0].plot(xs, xs * (fb["alpha"] - fb["beta"] * xs), "--", color=c, label=f"{name} gold fit")
+        for ax, beta in zip(axes[1:], betas):
+            run = res["ppo"].get(beta)
+            if not run:
+                continue
+            d = [q["d"] for q in run]
+            ax.plot(d, [q["gold"] - run[0]["gold"] for q in run], "o-", color=c, label=f"{name} gold")
+            ax.plot(d, [q["proxy"] - run[0]["proxy"] for q in run], "x:", color=c, alpha=0.6, label=f"{name} proxy")
+            if "fit_rl" in res and float(res["fit_rl"]["kl_coef"]) == float(beta):
+                fr, xs = res["fit_rl"], torch.linspace(0.05, max(d) * 1.2, 100)
+                ax.plot(xs, xs * (fr["alpha"] - fr["beta"] * torch.log(xs)), "--", color=c, label=f"{name} gold fit")
+    for ax, title in zip(axes, ["best-of-n"] + [f"PPO at fixed β = {b}" for b in betas]):
         ax.set_xlabel("d = √KL")
         ax.set_ylabel("gain over SFT")
         ax.set_title(title)
