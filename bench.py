@@ -4,7 +4,7 @@ Speed benchmark. Prints progress, then as its LAST line one JSON object that oth
   device, config, train_tokens_per_s (forward + backward + AdamW step), sample_tokens_per_s_cache and
   sample_tokens_per_s_nocache (batch 64, 64-token prompts, 128 new tokens, pure sampling with no early stop),
   kv_cache_speedup, (--hf=1) hf_sample_tokens_per_s_cache / _nocache and sample_speedup_vs_hf_cache (Hugging Face
-  generate on the same weights, the same batch), train_mfu on CUDA (against the GPU's bf16 peak), and (--ppo=1) ppo_iter_seconds, ppo_rollout_seconds, ppo_update_seconds
+  generate on the same weights, the same batch), train_mfu on CUDA (against the GPU's bf16 peak), and (--ppo=1) ppo_iter_seconds, ppo_rollout_seconds, ppo_update_seconds, ppo_response_tokens
   (medians at the PPO issue's fixed setting, at --vocab), ppo_model_gflop (the iteration's model FLOPs), and on CPU
   cpu_peak_gflops (this machine's fp32 matmul rate, measured), ppo_floor_seconds (the FLOPs at that rate) and
   ppo_floor_fraction (floor / measured: 1 would be a perfect implementation), and peak memory.
@@ -163,7 +163,10 @@ def bench_ppo(device, iters, attn_impl="sdpa", vocab=512):
     policy, ref, critic, rm = GPT(cfg).to(device), GPT(cfg).to(device), GPTScalar(cfg).to(device), GPTScalar(cfg).to(device)
     ref.eval().requires_grad_(False)
     rm.eval().requires_grad_(False)
-    tok = SimpleNamespace(pad_id=vocab - 1, eos_id=vocab - 2)
+    # pad and EOS outside the vocabulary, as in the reference harness: no sampled token ends a response, so every
+    # response is exactly 48 real tokens on both sides (with EOS at id V−2, the random network sampled it: at vocab
+    # 512 only 2,985 of the 3,072 response tokens were real, and the attention took the padded-mask path)
+    tok = SimpleNamespace(pad_id=vocab, eos_id=vocab + 1)
     args = SimpleNamespace(response_length=48, temperature=1.0, ppo_epochs=4, num_minibatches=4, cliprange=0.2,
                            cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, whiten_rewards=0, grad_clip=1.0,
                            policy_loss="clip", ptx_coef=0.0, missing_eos_penalty=-1.0, algo="ppo", group_size=1)
@@ -195,7 +198,8 @@ def bench_ppo(device, iters, attn_impl="sdpa", vocab=512):
     return {"ppo_vocab": vocab, "ppo_iter_seconds": round(statistics.median(total), 3),
             "ppo_model_gflop": round((flops["rollout"] + flops["update"]) / 1e9, 1),
             "ppo_rollout_seconds": round(statistics.median(rollout_s), 3),
-            "ppo_update_seconds": round(statistics.median(update_s), 3)}
+            "ppo_update_seconds": round(statistics.median(update_s), 3),
+            "ppo_response_tokens": batch["n_tokens"]}  # real response tokens of the last rollout (64 × 48)
 
 
 def peak_memory_mb(device):

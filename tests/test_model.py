@@ -630,3 +630,12 @@ def test_head_logprobs_match_the_full_logits_path(chunk_bytes):
     close(gh, gh_ref, atol=1e-5)
     close(gw, gw_ref, atol=1e-5)
     assert gh[~mask].abs().max() == 0, "a masked row got a gradient"
+
+
+def test_bench_ppo_responses_are_exactly_48_real_tokens_like_the_reference():
+    """The reference harness samples exactly 48 tokens per response and counts all of them (pad outside the
+    vocabulary, no stop token). bench.py's PPO iteration must do the same work: no response cut short by a sampled
+    EOS, so 64 × 48 real tokens in the losses and a plain causal attention mask."""
+    import bench
+    out = bench.bench_ppo("cpu", iters=1, vocab=512)
+    assert out["ppo_response_tokens"] == 64 * 48
