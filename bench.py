@@ -4,7 +4,8 @@ Speed benchmark. Prints progress, then as its LAST line one JSON object that oth
   device, config, train_tokens_per_s (forward + backward + AdamW step), sample_tokens_per_s_cache and
   sample_tokens_per_s_nocache (batch 64, 64-token prompts, 128 new tokens, pure sampling with no early stop),
   kv_cache_speedup, (--hf=1) hf_sample_tokens_per_s_cache / _nocache and sample_speedup_vs_hf_cache (Hugging Face
-  generate on the same weights, the same batch), train_mfu on CUDA (against the GPU's bf16 peak), and (--ppo=1) ppo_iter_seconds, ppo_rollout_seconds, ppo_update_seconds, ppo_response_tokens
+  generate on the same weights, the same batch), train_mfu on CUDA (against the GPU's bf16 peak), and (--ppo=1)
+  ppo_iter_seconds, ppo_rollout_seconds, ppo_update_seconds, ppo_response_tokens (real tokens: 64 × 48)
   (medians at the PPO issue's fixed setting, at --vocab), ppo_model_gflop (the iteration's model FLOPs), and on CPU
   cpu_peak_gflops (this machine's fp32 matmul rate, measured), ppo_floor_seconds (the FLOPs at that rate) and
   ppo_floor_fraction (floor / measured: 1 would be a perfect implementation), and peak memory.
