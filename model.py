@@ -467,7 +467,7 @@ def logprobs_from_logits(logits, tokens):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, T)
 
 
-# log π(y) = z_y − logsumexp(z),  H = logsumexp(z) − Σ_a softmax(z)_a z_a,  z = h·Wᵀ / T   (the LM head, by chunks)
+# log π(y) = z_y − logsumexp(z),  H = −Σ_a π(a) log π(a),  z = h·Wᵀ / T                     (the LM head, by chunks)
 class HeadLogprobs(torch.autograd.Function):
     """Log-probs (and exact entropy) of given tokens straight from the final hidden states and the LM head's
     weight, a chunk of rows at a time: no (N, V) logits or log-softmax tensor is ever made (at GPT-2's 50k vocabulary
@@ -486,12 +486,14 @@ class HeadLogprobs(torch.autograd.Function):
         for s in range(0, N, chunk):
             rows = slice(s, s + chunk)
             z = ((h[rows] * (1.0 / temperature)) @ weight.t()).float()                 # (k, V) logits / T
-            lse = torch.logsumexp(z, dim=-1)                                           # (k,)
-            lp[rows] = z.gather(1, targets[rows, None]).squeeze(1) - lse
+            # z − logsumexp(z) in one fused kernel: half the time of logsumexp followed by a subtraction
+            logp = torch.log_softmax(z, dim=-1)                                        # (k, V)
+            del z
+            lp[rows] = logp.gather(1, targets[rows, None]).squeeze(1)
             if with_entropy or keep:
-                p = (z - lse[:, None]).exp_()                                          # (k, V) softmax
-                if with_entropy:  # H = lse − Σ p·z
-                    ent[rows] = lse - torch.linalg.vecdot(p, z)
+                p = logp.exp() if with_entropy else logp.exp_()                        # (k, V) softmax
+                if with_entropy:  # H = −Σ p·log p
+                    ent[rows] = -torch.linalg.vecdot(p, logp)
                 if keep:
                     probs.append(p)
         ctx.save_for_backward(h, weight, targets)
