@@ -472,7 +472,7 @@ class HeadLogprobs(torch.autograd.Function):
     """Log-probs (and exact entropy) of given tokens straight from the final hidden states and the LM head's
     weight, a chunk of rows at a time: no (N, V) logits or log-softmax tensor is ever made (at GPT-2's 50k vocabulary
     each would be 150 MB per minibatch), and h is scaled by 1/T before the matmul (a pass over (k, C), not (k, V)).
-    When a gradient is needed the softmax is kept for the backward, made in place of each chunk's logits:
+    When a gradient is needed the softmax is kept for the backward, made in place of each chunk's log-softmax:
     d log π(y)/dz = onehot(y) − softmax(z), times 1/T. Same numbers as logprobs_from_logits(lm_head(h) / T), to
     fp32 rounding."""
 
