@@ -491,6 +491,7 @@ class HeadLogprobs(torch.autograd.Function):
             del z
             lp[rows] = logp.gather(1, targets[rows, None]).squeeze(1)
             if with_entropy or keep:
+                # in place of log p, unless the entropy below still needs it
                 p = logp.exp() if with_entropy else logp.exp_()                        # (k, V) softmax
                 if with_entropy:  # H = −Σ p·log p
                     ent[rows] = -torch.linalg.vecdot(p, logp)
