@@ -140,15 +140,24 @@ def ppo_iteration_flops(cfg, B=64, Tp=16, Tn=48, epochs=4):
     return {"rollout": gen + score, "update": update}
 
 
-def cpu_peak_gflops(threads, n=1024, seconds=1.0):
-    """The machine's attainable fp32 matmul rate (GFLOP/s): the best of repeated n×n @ n×n products."""
+def cpu_peak_gflops(threads, sizes=(1024, 2048), seconds=1.0):
+    """The machine's attainable fp32 matmul rate (GFLOP/s), measured as ../shared/bench-trl/cpu_peak.py does: the
+    best over square sizes of samples of at least 50 ms of n×n @ n×n products into a preallocated output."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
+    best = 0.0
+    for n in sizes:
+        a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+        for _ in range(3):  # warm-up
+            torch.mm(a, b, out=c)
         t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+        torch.mm(a, b, out=c)
+        reps = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))  # products per sample: one sample >= ~50 ms
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b, out=c)
+            best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
     return best
 
 
