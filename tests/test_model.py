@@ -604,8 +604,8 @@ def test_loss_ignores_minus_one():
 
 @pytest.mark.parametrize("chunk_bytes", [4 * 97 * 5, 32 << 20])  # 5 rows a chunk (ragged last chunk), or all at once
 def test_head_logprobs_match_the_full_logits_path(chunk_bytes):
-    """model.head_logprobs (chunked, recomputing backward) against the plain path through (B, T, V) logits:
-    log_softmax(h·Wᵀ/T) gathered, its entropy, and both gradients by autograd, with masked rows left at 0."""
+    """model.head_logprobs (chunked, its backward from the kept softmax) against the plain path through (B, T, V)
+    logits: log_softmax(h·Wᵀ/T) gathered, its entropy, and both gradients by autograd, with masked rows left at 0."""
     from model import head_logprobs
     g = torch.Generator().manual_seed(0)
     B, T, C, V, temp = 3, 7, 16, 97, 0.7
